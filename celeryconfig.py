@@ -1,0 +1,50 @@
+"""Celery settings, read from the environment (pydantic-settings).
+
+REDIS_URL selects a real Redis as broker and result backend; without it the orchestrator starts an
+embedded Redis and sets both URLs itself. MCPO_BROKER_URL may point the broker elsewhere (amqp://).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment settings shared by the API, the CLI and workers."""
+
+    model_config = SettingsConfigDict(env_prefix="MCPO_", extra="ignore")
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "MCPO_REDIS_URL"))
+    broker_url: str | None = None
+    namespace: str = "mcpo"
+    home: Path = Path.home() / ".mcp-orchestrator"
+    config: Path | None = None
+    visibility_timeout: int = 3600
+    result_expires: int = 86400
+    run_ttl: int = 7 * 86400
+    worker_concurrency: int = 100
+
+
+settings = Settings()
+
+broker_url = settings.broker_url or settings.redis_url
+result_backend = settings.redis_url
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+# A worker that dies mid-call leaves its message unacknowledged: Redis hands it to another worker
+# after the visibility timeout, which must outlast the longest step (checked when a run is enqueued).
+task_acks_late = True
+task_reject_on_worker_lost = True
+broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+result_expires = settings.result_expires
+broker_connection_retry_on_startup = True
+task_default_queue = f"{settings.namespace}.control"
+worker_prefetch_multiplier = 1
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = False

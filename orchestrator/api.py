@@ -1,0 +1,198 @@
+"""The Python API: `Orchestrator` enqueues workflows and reads runs; `Run` waits for one."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from celery.canvas import Signature
+from redis import Redis
+
+import celeryconfig
+from orchestrator.compiler import shape, to_canvas
+from orchestrator.config import Config, load_config, load_workflow
+from orchestrator.embedded import EmbeddedRedis
+from orchestrator.errors import BrokerError, ConfigError, RunTimeout, WorkflowNotFound
+from orchestrator.expressions import references
+from orchestrator.results import RunResult
+from orchestrator.runs import RunStore
+from orchestrator.workflow import Graph, PlannedStep, Workflow
+from workers import runtime
+from workers.app import app, control_queue, queue_for, release_result_subscriptions, use_broker
+from workers.inprocess import InProcessWorker
+
+
+class Run:
+    """A handle on one enqueued run."""
+
+    def __init__(self, orchestrator: Orchestrator, run_id: str) -> None:
+        self.id = run_id
+        self._orchestrator = orchestrator
+
+    def status(self) -> RunResult:
+        return self._orchestrator.status(self.id)
+
+    def wait(self, timeout: float | None = None, poll: float = 0.05) -> RunResult:
+        """Block until the run ends; raises RunTimeout after `timeout` seconds."""
+        store = self._orchestrator.store
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not store.is_terminal(store.status(self.id)):
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunTimeout(f"run {self.id} did not finish within {timeout:g} s")
+            time.sleep(poll)
+        return self.status()
+
+
+class Orchestrator:
+    """Enqueues workflows of a configuration and reads their runs.
+
+    With REDIS_URL (or `redis_url`) set, runs go to separate worker processes; without it, an embedded
+    Redis server and worker threads inside this process run them.
+    """
+
+    def __init__(self, config: Config, *, redis_url: str | None = None, broker_url: str | None = None) -> None:
+        settings = celeryconfig.settings
+        self.config = config
+        self._redis_url = redis_url or settings.redis_url
+        self._broker_url = broker_url or settings.broker_url
+        self._embedded = None if self._redis_url else EmbeddedRedis(settings.home)
+        self._store: RunStore | None = None
+        self._worker: InProcessWorker | None = None
+        self._served: set[str] = set()
+
+    @classmethod
+    def from_file(cls, path: str | Path, **options: Any) -> Orchestrator:
+        return cls(load_config(path), **options)
+
+    @property
+    def embedded(self) -> bool:
+        return self._embedded is not None
+
+    @property
+    def store(self) -> RunStore:
+        """The run store, connecting (and starting the embedded Redis) on first use."""
+        if self._store is None:
+            url = self._redis_url or self._embedded.start()  # type: ignore[union-attr]
+            use_broker(url, self._broker_url)
+            settings = celeryconfig.settings
+            self._store = RunStore(Redis.from_url(url), settings.namespace, settings.run_ttl)
+        return self._store
+
+    def enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None) -> Run:
+        """Start a workflow (a name in the configuration, a workflow file, or a Workflow)."""
+        name, definition = self._resolve(workflow)
+        graph = self.config.graph(definition, name)
+        self._check_timeouts(graph)
+        store = self.store
+        self._ensure_workers({step.service for step in graph.steps})
+        run_id = uuid.uuid4().hex
+        store.create(run_id, graph, definition.version(), {**definition.params, **(params or {})})
+        finish = app.signature("mcpo.finish", args=(run_id,), immutable=True, queue=control_queue())
+        canvas = to_canvas(shape(graph), lambda step_id: self._signature(run_id, graph.index[step_id]), finish)
+        canvas.apply_async()
+        return Run(self, run_id)
+
+    def run(
+        self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> RunResult:
+        """Enqueue and wait: the result of the finished run."""
+        return self.enqueue(workflow, params).wait(timeout)
+
+    def status(self, run_id: str) -> RunResult:
+        """A run's result so far, by id, from any process."""
+        return self.store.load(run_id)
+
+    def graph(self, workflow: str | Path | Workflow) -> Graph:
+        """Check a workflow against the configuration without running it."""
+        name, definition = self._resolve(workflow)
+        return self.config.graph(definition, name)
+
+    def _resolve(self, workflow: str | Path | Workflow) -> tuple[str, Workflow]:
+        if isinstance(workflow, Workflow):
+            return workflow.id or workflow.name or "workflow", workflow
+        if isinstance(workflow, str) and workflow in self.config.workflows:
+            return workflow, self.config.workflows[workflow]
+        path = Path(workflow)
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            return load_workflow(path, self.config)
+        return str(workflow), self.config.workflow(str(workflow))
+
+    def _signature(self, run_id: str, step: PlannedStep) -> Signature:
+        service = self.config.services[step.service]
+        message = {
+            "run_id": run_id,
+            "step_id": step.id,
+            "service": step.service,
+            "tool": step.tool,
+            "arguments": step.parameters,
+            "timeout": step.timeout or service.timeout,
+            "retries": service.retries if step.retries is None else step.retries,
+            "depends_on": list(step.depends_on),
+            "reads": sorted(references(step.parameters, "parameters")),
+        }
+        return app.signature(
+            "mcpo.call", kwargs=message, immutable=True, queue=queue_for(step.service),
+            shadow=f"{step.service}.{step.tool}",
+        )  # fmt: skip
+
+    def _check_timeouts(self, graph: Graph) -> None:
+        limit = celeryconfig.settings.visibility_timeout
+        for step in graph.steps:
+            service = self.config.services[step.service]
+            retries = service.retries if step.retries is None else step.retries
+            budget = (step.timeout or service.timeout) * (retries + 1)
+            if budget >= limit:
+                raise ConfigError(
+                    f"{step.where}, field 'timeout': {budget:g} s over all attempts reaches the broker's "
+                    f"visibility timeout ({limit} s, MCPO_VISIBILITY_TIMEOUT); a redelivered call would run twice",
+                    source=self.config.source,
+                )
+
+    def _ensure_workers(self, services: set[str]) -> None:
+        needed = {queue_for(service) for service in services} | {control_queue()}
+        if needed <= self._served:
+            return
+        if self._embedded is not None:
+            self._start_in_process_worker()
+            return
+        replies = app.control.inspect(timeout=1.0).active_queues() or {}
+        self._served = {queue["name"] for queues in replies.values() for queue in queues}
+        missing = sorted(needed - self._served)
+        if missing:
+            prefix = f"{celeryconfig.settings.namespace}."
+            names = [queue.removeprefix(prefix) for queue in missing if queue != control_queue()] or sorted(services)
+            commands = "; ".join(f"mcp-orchestrator worker --service {name}" for name in names)
+            raise BrokerError(f"no worker serves queue(s) {', '.join(missing)}: start one with: {commands}")
+
+    def _start_in_process_worker(self) -> None:
+        queues = [queue_for(service) for service in self.config.services] + [control_queue()]
+        runtime.install(runtime.Runtime.create(self.config, str(app.conf.result_backend)))
+        self._worker = InProcessWorker(queues, celeryconfig.settings.worker_concurrency)
+        self._worker.start()
+        self._served = set(queues)
+
+    def close(self) -> None:
+        """Stop in-process workers and MCP sessions, and the embedded Redis if this process started it."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+            runtime.current().close()
+            runtime.install(None)
+        release_result_subscriptions()
+        if self._store is not None:
+            self._store.redis.close()
+            self._store = None
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+__all__ = ["Orchestrator", "Run", "WorkflowNotFound"]

@@ -1,0 +1,220 @@
+"""The `mcp-orchestrator` command. Exit codes: 0 succeeded, 1 the workflow failed, 2 invalid input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import yaml
+
+import celeryconfig
+from orchestrator.api import Orchestrator
+from orchestrator.compiler import shape
+from orchestrator.config import Config, load_config, parse_config, read_document
+from orchestrator.errors import BrokerError, ConfigError, OrchestratorError, RunNotFound, RunTimeout
+from orchestrator.progress import follow
+from orchestrator.results import RunResult
+
+EXIT_FAILED, EXIT_INVALID = 1, 2
+
+
+def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except (ConfigError, RunNotFound, BrokerError) as exc:
+        _fail(str(exc))
+    except RunTimeout as exc:
+        _fail(str(exc), EXIT_FAILED)
+    except OrchestratorError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+def _config(path: str | None, workflow: str | None = None) -> Config:
+    """--config, else MCPO_CONFIG, else a workflow file that holds its own servers."""
+    path = path or (str(celeryconfig.settings.config) if celeryconfig.settings.config else None)
+    if path:
+        return load_config(path)
+    if workflow and Path(workflow).exists():
+        data = read_document(workflow)
+        if isinstance(data, dict) and ("servers" in data or "mcpServers" in data):
+            return load_config(workflow)
+    _fail("no configuration: pass --config FILE or set MCPO_CONFIG")
+
+
+def _params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json:
+        loaded = json.loads(Path(params_json[1:]).read_text() if params_json.startswith("@") else params_json)
+        if not isinstance(loaded, dict):
+            _fail("--params must be a JSON object")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--param {pair!r}: expected KEY=VALUE")
+        params[key] = yaml.safe_load(value) if value else ""
+    return params
+
+
+def _workflow_name(config: Config, workflow: str) -> str:
+    """A workflow file that is also the configuration stands for its one workflow."""
+    path = Path(workflow)
+    if config.source and path.exists() and path.resolve() == Path(config.source).resolve():
+        if len(config.workflows) != 1:
+            _fail(f"{workflow} holds {len(config.workflows)} workflows; name one of them")
+        return next(iter(config.workflows))
+    return workflow
+
+
+def _print_result(result: RunResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    took = f" in {result.finished_at - result.created_at:.2f} s" if result.finished_at and result.created_at else ""
+    click.echo(f"run {result.id} {result.status}{took}")
+    for error in result.errors:
+        click.echo(f"  ✘ {error.step} ({error.service}.{error.tool}) {error.type}: {error.message}")
+    click.echo(json.dumps(result.output, indent=2, default=str))
+
+
+def _exit_code(result: RunResult) -> int:
+    return 0 if result.succeeded else EXIT_FAILED
+
+
+config_option = click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False),
+                              help="configuration file (default: $MCPO_CONFIG)")  # fmt: skip
+param_option = click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE",
+                            help="a workflow parameter; VALUE is read as YAML (repeatable)")  # fmt: skip
+params_option = click.option("--params", "params_json", metavar="JSON|@FILE", help="parameters as a JSON object")
+
+
+@click.group()
+@click.version_option(package_name="mcp-orchestrator")
+def main() -> None:
+    """Run workflows over MCP servers on Celery workers."""
+
+
+@main.command()
+@click.argument("workflow")
+@config_option
+@param_option
+@params_option
+@click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
+@click.option("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+def run(workflow: str, config_path: str | None, pairs: tuple[str, ...], params_json: str | None, as_json: bool,
+        timeout: float | None) -> None:  # fmt: skip
+    """Run WORKFLOW (a name in the configuration or a workflow file), showing each step, then its result."""
+    with _errors():
+        config = _config(config_path, workflow)
+        with Orchestrator(config) as orchestrator:
+            handle = orchestrator.enqueue(_workflow_name(config, workflow), _params(pairs, params_json))
+            click.echo(f"run {handle.id} enqueued", err=True)
+            result = follow(handle.status, sys.stderr, timeout)
+            if not result.done:
+                raise RunTimeout(
+                    f"run {handle.id} did not finish within {timeout:g} s; see: mcp-orchestrator status {handle.id}"
+                )
+            _print_result(result, as_json)
+    sys.exit(_exit_code(result))
+
+
+@main.command()
+@click.argument("workflow")
+@config_option
+@param_option
+@params_option
+def enqueue(workflow: str, config_path: str | None, pairs: tuple[str, ...], params_json: str | None) -> None:
+    """Start WORKFLOW on the workers and print its run id (needs REDIS_URL and running workers)."""
+    with _errors():
+        config = _config(config_path, workflow)
+        if not celeryconfig.settings.redis_url:
+            _fail("enqueue hands the run to separate workers and returns: set REDIS_URL, or use `run`")
+        with Orchestrator(config) as orchestrator:
+            click.echo(orchestrator.enqueue(_workflow_name(config, workflow), _params(pairs, params_json)).id)
+
+
+@main.command()
+@click.argument("run_id")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
+def status(run_id: str, config_path: str | None, as_json: bool) -> None:
+    """Show a run by id."""
+    with _errors():
+        with Orchestrator(parse_config({})) as orchestrator:
+            result = orchestrator.status(run_id)
+        _print_result(result, as_json)
+    sys.exit(0 if result.status in ("succeeded", "pending", "running") else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@config_option
+def validate(file: str, config_path: str | None) -> None:
+    """Check a configuration or workflow file without running anything."""
+    with _errors():
+        data = read_document(file)
+        is_config = isinstance(data, dict) and bool({"servers", "mcpServers", "services"} & set(data))
+        config = load_config(file) if is_config else _config(config_path)
+        graphs = config.check() if is_config else {}
+        if not is_config:
+            orchestrator = Orchestrator(config)
+            graphs = {file: orchestrator.graph(file)}
+        for name, graph in graphs.items():
+            click.echo(f"ok: workflow '{name}': {len(graph.steps)} steps, canvas {_describe(shape(graph))}")
+        click.echo(f"ok: {file}")
+
+
+def _describe(node: Any) -> str:
+    if node is None:
+        return "(empty)"
+    if isinstance(node, str):
+        return node
+    joiner = " → " if type(node).__name__ == "Series" else " | "
+    inner = joiner.join(_describe(item) for item in node.items)
+    return f"[{inner}]" if joiner == " | " else inner
+
+
+@main.command()
+@click.option("--service", "-s", "services", multiple=True, required=True, help="a service to serve (repeatable)")
+@config_option
+@click.option("--concurrency", type=int, default=None, help="calls in flight at once (default 100)")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(services: tuple[str, ...], config_path: str | None, concurrency: int | None, loglevel: str) -> None:
+    """Serve SERVICE's queue: `celery worker -Q <namespace>.<service>` with this configuration."""
+    with _errors():
+        config = _config(config_path)
+        unknown = [name for name in services if name not in config.services]
+        if unknown:
+            _fail(f"unknown service(s) {', '.join(unknown)} (services: {', '.join(sorted(config.services))})")
+        _serve(config, list(services), concurrency or celeryconfig.settings.worker_concurrency, loglevel)
+
+
+def _serve(config: Config, services: list[str], concurrency: int, loglevel: str) -> None:
+    from orchestrator.embedded import EmbeddedRedis
+    from workers.app import app, control_queue, queue_for, use_broker
+
+    settings = celeryconfig.settings
+    url = settings.redis_url or EmbeddedRedis(settings.home).start()
+    use_broker(url, settings.broker_url)
+    os.environ["MCPO_CONFIG"] = str(Path(config.source or "").resolve())
+    celeryconfig.settings.config = Path(os.environ["MCPO_CONFIG"])
+    queues = ",".join([*(queue_for(name) for name in services), control_queue()])
+    name = f"{'+'.join(services)}-{os.getpid()}@%h"
+    app.worker_main(["worker", "-Q", queues, "-P", "threads", "-c", str(concurrency), "-n", name,
+                     "--loglevel", loglevel, "-E"])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Configuration: MCP servers, the services that front them, and workflows (YAML or JSON files)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import ConfigError, WorkflowNotFound
+from orchestrator.workflow import Graph, Workflow, plan
+
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_RETRIES = 3
+
+
+class StdioServer(BaseModel):
+    """An MCP server started as a child process speaking over stdin/stdout."""
+
+    model_config = ConfigDict(extra="ignore")  # mcp.json files carry client-specific keys
+    type: Literal["stdio"] = "stdio"
+    command: str
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+
+
+class HttpServer(BaseModel):
+    """An MCP server reached over Streamable HTTP."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["http"] = "http"
+    url: str
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transport_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") in ("streamable-http", "streamableHttp", "http"):
+            return {**data, "type": "http"}
+        if isinstance(data, dict) and data.get("type") == "sse":
+            raise ValueError("SSE transport is not supported; use the server's Streamable HTTP endpoint")
+        return data
+
+
+Server = Annotated[StdioServer | HttpServer, Field(union_mode="left_to_right")]
+
+
+class Service(BaseModel):
+    """What a worker pool serves and a queue is named after: one server, the tools callers may use."""
+
+    model_config = ConfigDict(extra="forbid")
+    server: str
+    tools: list[str] = Field(default_factory=list)
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    retries: int = Field(default=DEFAULT_RETRIES, ge=0)
+    description: str | None = None
+
+
+class Config(BaseModel):
+    """A whole configuration file; `mcpServers` (as in mcp.json) is read as `servers`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    servers: dict[str, Server] = Field(default_factory=dict, alias="mcpServers")
+    services: dict[str, Service] = Field(default_factory=dict)
+    workflows: dict[str, Workflow] = Field(default_factory=dict)
+    source: str | None = Field(default=None, exclude=True)
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _both_server_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "servers" in data and "mcpServers" in data:
+            raise ValueError("give 'servers' or 'mcpServers', not both")
+        return data
+
+    @model_validator(mode="after")
+    def _implicit_services(self) -> Config:
+        # A server no service names is served as a service of the same name, with any of its tools.
+        named = {service.server for service in self.services.values()}
+        for name in self.servers:
+            if name not in named and name not in self.services:
+                self.services[name] = Service(server=name)
+        for name, service in self.services.items():
+            if service.server not in self.servers:
+                known = ", ".join(sorted(self.servers)) or "none"
+                raise ValueError(f"services.{name}.server: unknown server '{service.server}' (servers: {known})")
+        return self
+
+    def workflow(self, name: str) -> Workflow:
+        if name not in self.workflows:
+            known = ", ".join(sorted(self.workflows)) or "none"
+            raise WorkflowNotFound(f"no workflow named '{name}' (workflows: {known})", source=self.source)
+        return self.workflows[name]
+
+    def graph(self, workflow: Workflow, name: str, source: str | None = None) -> Graph:
+        """Plan a workflow and check every step against the services: the compile-time checks."""
+        source = source or self.source
+        graph = plan(workflow, name, source)
+        for step in graph.steps:
+            self._check_call(step.service, step.tool, step.where, "", source)
+            if step.fallback:
+                tool = step.fallback.tool or step.tool
+                self._check_call(step.fallback.service, tool, step.where, "fallback.", source)
+        if workflow.fallback is not None and workflow.fallback not in self.workflows:
+            raise ConfigError(
+                f"workflow '{name}', field 'fallback': unknown workflow '{workflow.fallback}'", source=source
+            )
+        return graph
+
+    def _check_call(self, service: str, tool: str, where: str, prefix: str, source: str | None) -> None:
+        if service not in self.services:
+            known = ", ".join(sorted(self.services)) or "none"
+            raise ConfigError(
+                f"{where}, field '{prefix}service': unknown service '{service}' (services: {known})", source=source
+            )
+        allowed = self.services[service].tools
+        if allowed and tool not in allowed:
+            raise ConfigError(
+                f"{where}, field '{prefix}tool': tool '{tool}' is not in service '{service}' tools "
+                f"({', '.join(allowed)})",
+                source=source,
+            )
+
+    def check(self) -> dict[str, Graph]:
+        """Plan every workflow of the file; raises ConfigError at the first problem."""
+        return {name: self.graph(workflow, name) for name, workflow in self.workflows.items()}
+
+    def server_params(self, server: str) -> StdioServer | HttpServer:
+        """The server's settings, with `python` meaning this interpreter and paths relative to the file."""
+        spec = self.servers[server]
+        if isinstance(spec, HttpServer):
+            return spec
+        command = sys.executable if spec.command in ("python", "python3") else spec.command
+        cwd = str((self.base_dir / spec.cwd).resolve()) if spec.cwd else str(self.base_dir)
+        return spec.model_copy(update={"command": command, "cwd": cwd})
+
+
+def read_document(path: str | Path) -> Any:
+    """Parse a YAML or JSON file (JSON is YAML), with the position of a syntax error."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}", source=str(path)
+        ) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{position}malformed YAML: {problem}", source=str(path)) from exc
+
+
+def validation_message(error: ValidationError) -> str:
+    """Pydantic's errors as `field.path[0].name: message` lines."""
+    lines = []
+    for item in error.errors():
+        path = ""
+        for part in item["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part not in ("StdioServer", "HttpServer", "function-after[_implicit_services()]"):
+                path += f".{part}" if path else str(part)
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"field '{path}': {message}" if path else message)
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str | None = None, base_dir: Path | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, found {type(data).__name__}", source=source)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc), source=source) from exc
+    config.source = source
+    config.base_dir = base_dir or Path.cwd()
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and check a configuration file; every workflow in it is planned, so errors surface now."""
+    path = Path(path)
+    config = parse_config(read_document(path), str(path), path.resolve().parent)
+    config.check()
+    return config
+
+
+def load_workflow(path: str | Path, config: Config) -> tuple[str, Workflow]:
+    """Load a workflow file: one workflow, or a file whose `workflows` holds exactly one."""
+    path = Path(path)
+    data = read_document(path)
+    if isinstance(data, dict) and "workflows" in data:
+        workflows = data["workflows"] or {}
+        if len(workflows) != 1:
+            raise ConfigError(f"holds {len(workflows)} workflows; name one of them instead", source=str(path))
+        ((name, data),) = workflows.items()
+    else:
+        name = data.get("id") if isinstance(data, dict) and data.get("id") else path.stem
+    if not isinstance(data, dict):
+        raise ConfigError("expected a workflow mapping with 'steps'", source=str(path))
+    try:
+        workflow = Workflow.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"workflow '{name}': {validation_message(exc)}", source=str(path)) from exc
+    config.graph(workflow, str(name), str(path))
+    return str(name), workflow

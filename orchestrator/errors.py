@@ -1,0 +1,60 @@
+"""Every error the orchestrator raises, in one hierarchy."""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error raised by mcp-orchestrator."""
+
+
+class ConfigError(OrchestratorError):
+    """A configuration or workflow file is invalid; the message names file, workflow, step and field."""
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.source = source
+        super().__init__(f"{source}: {message}" if source else message)
+
+
+class WorkflowNotFound(ConfigError):
+    """A workflow was asked for by a name the configuration does not define."""
+
+
+class ExpressionError(ConfigError):
+    """A `${ ... }` expression does not parse, or names a step it may not read."""
+
+
+class BrokerError(OrchestratorError):
+    """The broker cannot be reached, or no worker serves a queue a run needs."""
+
+
+class RunNotFound(OrchestratorError):
+    """No run is known by the given id."""
+
+
+class RunTimeout(OrchestratorError):
+    """A run did not finish within the time `Run.wait` was given."""
+
+
+class ToolCallError(OrchestratorError):
+    """An MCP tool call failed; `transient` says whether trying again may help."""
+
+    transient = False
+
+    def __init__(self, message: str, *, service: str = "", tool: str = "") -> None:
+        self.service = service
+        self.tool = tool
+        super().__init__(message)
+
+
+class ToolError(ToolCallError):
+    """The tool answered with `is_error`: the tool itself reports failure."""
+
+
+class TransportError(ToolCallError):
+    """The server could not be reached, crashed, or broke the connection mid-call."""
+
+    transient = True
+
+
+class StepTimeout(TransportError):
+    """A tool call took longer than its step's timeout and was cancelled."""

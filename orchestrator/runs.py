@@ -1,0 +1,147 @@
+"""Run state in Redis: what every worker and client of a run reads and writes.
+
+Keys (under the namespace): `run:<id>` a hash of the run's fields, `run:<id>:steps` a hash of step id →
+StepResult JSON. A step's record is written by the one task that runs it, so no two writers race on a
+field; run status moves forward only (pending → running → terminal), by a Lua script.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis import Redis
+
+from orchestrator.errors import RunNotFound
+from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
+from orchestrator.workflow import Graph
+
+# Moves status forward: to 'running' only from 'pending'; to a terminal status from any live one.
+_ADVANCE = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return false end
+if current == 'succeeded' or current == 'failed' or current == 'cancelled' then return current end
+if ARGV[1] == 'running' and current ~= 'pending' then return current end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3])
+return ARGV[1]
+"""
+
+
+class RunStore:
+    """Reads and writes runs and their steps in Redis."""
+
+    def __init__(self, redis: Redis, namespace: str, ttl: int) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.ttl = ttl
+        self._advance = redis.register_script(_ADVANCE)
+
+    def _run_key(self, run_id: str) -> str:
+        return f"{self.namespace}:run:{run_id}"
+
+    def _steps_key(self, run_id: str) -> str:
+        return f"{self.namespace}:run:{run_id}:steps"
+
+    def create(self, run_id: str, graph: Graph, version: str, params: dict[str, Any]) -> None:
+        plan = {
+            "steps": [
+                {"id": s.id, "service": s.service, "tool": s.tool, "depends_on": s.depends_on} for s in graph.steps
+            ],
+            "sinks": graph.sinks(),
+            "output": graph.output,
+        }
+        steps: dict[Any, str] = {
+            s.id: StepResult(service=s.service, tool=s.tool).model_dump_json() for s in graph.steps
+        }
+        fields: dict[Any, str] = {
+            "workflow": graph.name,
+            "version": version,
+            "status": "pending",
+            "params": json.dumps(params),
+            "plan": json.dumps(plan),
+            "created_at": repr(time.time()),
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._run_key(run_id), mapping=fields)
+        if steps:
+            pipe.hset(self._steps_key(run_id), mapping=steps)
+        pipe.expire(self._run_key(run_id), self.ttl)
+        pipe.expire(self._steps_key(run_id), self.ttl)
+        pipe.execute()
+
+    def inputs(self, run_id: str, step_ids: Iterable[str]) -> tuple[str, dict[str, Any], dict[str, StepResult]]:
+        """The run's status, its params and the records of the given steps, in one round trip."""
+        ids = list(step_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self._run_key(run_id), ["status", "params"])
+        if ids:
+            pipe.hmget(self._steps_key(run_id), ids)
+        replies = pipe.execute()
+        status, params = replies[0]
+        if status is None:
+            raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
+        records = replies[1] if ids else []
+        steps = {sid: StepResult.model_validate_json(raw) for sid, raw in zip(ids, records, strict=True) if raw}
+        return _text(status), json.loads(params), steps
+
+    def save_step(self, run_id: str, step_id: str, result: StepResult) -> None:
+        """Record a step; the first step to start moves the run to 'running'."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self._steps_key(run_id), step_id, result.model_dump_json())
+        if result.status == "running":
+            self._advance(keys=[self._run_key(run_id)], args=["running", "started_at", repr(time.time())], client=pipe)
+        pipe.execute()
+
+    def finish(self, run_id: str, status: str, output: Any, errors: list[StepError]) -> str:
+        """Close a run unless it already ended (a cancel wins); returns the status it ends with."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self._run_key(run_id),
+            mapping={"output": json.dumps(output), "errors": json.dumps([e.model_dump() for e in errors])},
+        )
+        self._advance(keys=[self._run_key(run_id)], args=[status, "finished_at", repr(time.time())], client=pipe)
+        return _text(pipe.execute()[-1])
+
+    def status(self, run_id: str) -> str:
+        raw = self.redis.hget(self._run_key(run_id), "status")
+        if raw is None:
+            raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
+        return _text(raw)
+
+    def plan(self, run_id: str) -> dict[str, Any]:
+        raw = self.redis.hget(self._run_key(run_id), "plan")
+        if raw is None:
+            raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
+        return dict(json.loads(raw))
+
+    def load(self, run_id: str) -> RunResult:
+        """The run as it stands now."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self._run_key(run_id))
+        pipe.hgetall(self._steps_key(run_id))
+        fields, steps = pipe.execute()
+        if not fields:
+            raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
+        run = {_text(k): _text(v) for k, v in fields.items()}
+        plan = json.loads(run["plan"])
+        records = {_text(k): StepResult.model_validate_json(v) for k, v in steps.items()}
+        return RunResult(
+            id=run_id,
+            workflow=run["workflow"],
+            status=run["status"],  # type: ignore[arg-type]
+            steps={s["id"]: records[s["id"]] for s in plan["steps"] if s["id"] in records},
+            output=json.loads(run["output"]) if "output" in run else None,
+            errors=[StepError.model_validate(e) for e in json.loads(run.get("errors", "[]"))],
+            params=json.loads(run["params"]),
+            created_at=float(run["created_at"]),
+            finished_at=float(run["finished_at"]) if "finished_at" in run else None,
+        )
+
+    def is_terminal(self, status: str) -> bool:
+        return status in TERMINAL_RUN
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,1 @@
+"""The Celery tasks: thin wrappers over the orchestrator and worker runtime."""

@@ -1,0 +1,161 @@
+"""Fixtures: a real Redis (REDIS_URL, or the embedded one), real worker processes, real MCP servers.
+
+Every test session uses its own namespace (queues and keys), so runs never mix with another session's
+on a shared Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+SERVICES = EXAMPLES / "services.yaml"
+TEST_SERVICES = ROOT / "tests" / "services.yaml"
+
+# Settings are read when celeryconfig is first imported: fix them before any project import.
+os.environ["MCPO_NAMESPACE"] = f"test-{uuid.uuid4().hex[:8]}"
+os.environ.setdefault("MCPO_HOME", tempfile.mkdtemp(prefix="mcpo-test-home-"))
+
+from orchestrator import Orchestrator, load_config  # noqa: E402
+from orchestrator.embedded import EmbeddedRedis  # noqa: E402
+from workers.app import app, queue_for, use_broker  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The machine's Redis when REDIS_URL is set, else the embedded server a new user gets."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(Path(os.environ["MCPO_HOME"]))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_url: str) -> dict[str, str]:
+    return {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+
+
+class WorkerProcesses:
+    """`mcp-orchestrator worker` processes started by a test, stopped with SIGTERM at the end."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *services: str, config: Path = SERVICES, concurrency: int = 100) -> subprocess.Popen[bytes]:
+        args = [sys.executable, "-m", "orchestrator.cli", "worker", "--config", str(config), "--concurrency",
+                str(concurrency), "--loglevel", "INFO"]  # fmt: skip
+        for service in services:
+            args += ["--service", service]
+        log = open(self.log_dir / f"worker-{'+'.join(services)}-{len(self.processes)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.processes.append(process)
+        self._wait_for(process, {queue_for(service) for service in services})
+        return process
+
+    def _wait_for(self, process: subprocess.Popen[bytes], queues: set[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited with {process.returncode}; see {self.log_dir}")
+            replies = app.control.inspect(timeout=0.5).active_queues() or {}
+            served = {queue["name"] for listing in replies.values() for queue in listing}
+            if queues <= served:
+                return
+        raise RuntimeError(f"worker for {queues} did not come up in {timeout} s; see {self.log_dir}")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+
+@pytest.fixture(scope="session")
+def workers(
+    worker_env: dict[str, str], redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcesses]:
+    use_broker(redis_url)
+    pool = WorkerProcesses(worker_env, tmp_path_factory.mktemp("worker-logs"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="session")
+def example_workers(workers: WorkerProcesses) -> WorkerProcesses:
+    """One worker process per example service group, as a small fleet would run them."""
+    workers.start("primary", "fallback")
+    workers.start("research", "docs", "analytics")
+    workers.start("time")
+    return workers
+
+
+@pytest.fixture(scope="session")
+def test_orch(redis_url: str, workers: WorkerProcesses) -> Iterator[Orchestrator]:
+    """An orchestrator over the test servers (tests/services.yaml), with one worker process for them."""
+    workers.start("testing", config=TEST_SERVICES)
+    with Orchestrator(load_config(TEST_SERVICES), redis_url=redis_url) as orchestrator:
+        yield orchestrator
+
+
+@pytest.fixture(scope="session")
+def orch(redis_url: str, example_workers: WorkerProcesses) -> Iterator[Orchestrator]:
+    """An orchestrator that dispatches to the separate worker processes."""
+    with Orchestrator(load_config(SERVICES), redis_url=redis_url) as orchestrator:
+        yield orchestrator
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def http_server() -> Iterator[Callable[..., str]]:
+    """Start an example server over Streamable HTTP; returns its MCP URL."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> str:
+        port = free_port()
+        process = subprocess.Popen([sys.executable, *args, "--http", str(port)], cwd=EXAMPLES / "servers",
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        started.append(process)
+        wait_for_port(port)
+        return f"http://127.0.0.1:{port}/mcp"
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)

@@ -1,0 +1,62 @@
+"""An MCP server for tests: echoes, fails, sleeps, crashes and reports its environment on demand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("testing")
+
+
+@server.tool()
+def echo(value: Any = None, label: str = "") -> dict[str, Any]:
+    """Answer with what was sent, and this server's process id."""
+    return {"value": value, "label": label, "pid": os.getpid()}
+
+
+@server.tool()
+def fail(message: str = "tool failed on purpose") -> str:
+    """Always fail: the result carries is_error."""
+    raise ValueError(message)
+
+
+@server.tool()
+async def sleep(seconds: float = 0.05) -> dict[str, float]:
+    """Sleep, then answer."""
+    await asyncio.sleep(seconds)
+    return {"slept": seconds}
+
+
+@server.tool()
+def crash() -> str:
+    """Kill this server process mid-call: a transport fault for the client."""
+    os._exit(3)
+
+
+@server.tool()
+def getenv(name: str) -> dict[str, str | None]:
+    """One environment variable of this server process."""
+    return {"name": name, "value": os.environ.get(name)}
+
+
+@server.tool()
+def shout(lines: int = 1000) -> int:
+    """Write many lines to stderr: a client that does not drain it would block here."""
+    for i in range(lines):
+        print(f"stderr line {i} " + "x" * 200, file=sys.stderr)
+    return lines
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--http", type=int, metavar="PORT")
+    options = parser.parse_args()
+    if options.http:
+        server.run("streamable-http", host="127.0.0.1", port=options.http)
+    else:
+        server.run()

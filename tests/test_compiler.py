@@ -1,0 +1,79 @@
+"""Compiling step graphs: series-parallel shapes exactly, other shapes safely, and Celery's pitfalls."""
+
+from __future__ import annotations
+
+from celery import group
+from celery.canvas import Signature, _chain, _chord
+
+from orchestrator.compiler import Parallel, Series, shape, to_canvas
+from orchestrator.workflow import Graph, Step, Workflow, plan
+from workers.app import app
+
+
+def graph(spec: dict[str, list[str]]) -> Graph:
+    steps = [Step(id=name, service="s", tool="t", depends_on=deps) for name, deps in spec.items()]
+    return plan(Workflow(steps=steps), "w")
+
+
+def task(step_id: str) -> Signature:
+    return app.signature("mcpo.call", kwargs={"step_id": step_id}, immutable=True)
+
+
+FINISH = app.signature("mcpo.finish", args=("run",), immutable=True)
+
+
+def test_sequence_form_is_a_chain() -> None:
+    wf = Workflow.model_validate({"steps": [{"service": "s", "tool": "a"}, {"service": "s", "tool": "b"}]})
+    assert shape(plan(wf, "w")) == Series(("a", "b"))
+
+
+def test_parallel_steps_follow_the_sequence() -> None:
+    wf = Workflow.model_validate({
+        "steps": [{"service": "s", "tool": "a"}],
+        "parallelSteps": [
+            [{"service": "s", "tool": "b"}, {"service": "s", "tool": "c"}],
+            [{"service": "s", "tool": "d"}],
+        ],
+    })  # fmt: skip
+    assert shape(plan(wf, "w")) == Series(("a", Parallel(("b", "c")), "d"))
+
+
+def test_diamond() -> None:
+    assert shape(graph({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]})) == Series(("a", Parallel(("b", "c")), "d"))
+
+
+def test_nested_series_parallel_is_exact() -> None:
+    result = shape(graph({"a": [], "b": ["a"], "c": ["a"], "d": ["b"], "e": ["c"], "f": ["d", "e"], "x": []}))
+    assert result == Parallel((Series(("a", Parallel((Series(("b", "d")), Series(("c", "e")))), "f")), "x"))
+
+
+def test_non_series_parallel_shape_splits_at_its_sources() -> None:
+    # The "N": c needs a and b, d needs only b. Sources first, then the rest: every dependency holds.
+    assert shape(graph({"a": [], "b": [], "c": ["a", "b"], "d": ["b"]})) == Series(
+        (Parallel(("a", "b")), Parallel(("c", "d")))
+    )
+
+
+def test_empty_workflow_is_only_the_finish_task() -> None:
+    canvas = to_canvas(shape(graph({})), task, FINISH)
+    assert canvas is FINISH
+
+
+def test_single_step_group_is_the_step_itself() -> None:
+    wf = Workflow.model_validate({"parallelSteps": [[{"service": "s", "tool": "a"}]]})
+    canvas = to_canvas(shape(plan(wf, "w")), task, FINISH)
+    assert isinstance(canvas, _chain)
+    assert [t.task for t in canvas.tasks] == ["mcpo.call", "mcpo.finish"]
+    assert not any(isinstance(t, group) for t in canvas.tasks)
+
+
+def test_final_fan_out_becomes_a_chord_with_the_finish_callback() -> None:
+    canvas = to_canvas(shape(graph({"a": [], "b": [], "c": []})), task, FINISH)
+    assert isinstance(canvas, _chord)
+    assert [t.kwargs["step_id"] for t in canvas.tasks] == ["a", "b", "c"]
+    assert canvas.body.task == "mcpo.finish"
+
+
+def test_chains_are_flat() -> None:
+    canvas = to_canvas(Series(("a", Series(("b", "c")))), task, FINISH)
+    assert [t.kwargs.get("step_id", "finish") for t in canvas.tasks] == ["a", "b", "c", "finish"]

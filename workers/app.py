@@ -1,0 +1,40 @@
+"""The Celery app every process shares, and the queue names it routes to."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+import celeryconfig
+
+app = Celery("mcp_orchestrator", include=["tasks.calls"])
+app.config_from_object(celeryconfig)
+# Canvas messages are rebuilt in the worker against the default app: it must be this one.
+app.set_default()
+
+
+def queue_for(service: str) -> str:
+    """The queue a service's worker pool consumes."""
+    return f"{celeryconfig.settings.namespace}.{service}"
+
+
+def control_queue() -> str:
+    """The queue for run bookkeeping (finishing a run); every worker consumes it."""
+    return f"{celeryconfig.settings.namespace}.control"
+
+
+def use_broker(url: str, broker_url: str | None = None) -> None:
+    """Point this process's app at a Redis (result backend) and a broker (Redis unless given)."""
+    app.conf.update(broker_url=broker_url or url, result_backend=url)
+
+
+def release_result_subscriptions() -> None:
+    """Close the result backend's pub/sub connection and forget its subscriptions.
+
+    Celery subscribes to group results in Redis and unsubscribes when they are garbage-collected,
+    which at interpreter exit finds Redis gone (or Python half torn down). Runs are followed through
+    the run store, so nothing waits on those subscriptions.
+    """
+    consumer = getattr(app.backend, "result_consumer", None)
+    if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+        consumer.stop()
+        consumer.subscribed_to.clear()

@@ -1,0 +1,200 @@
+"""The MCP session pool of a worker process.
+
+One event loop per process, on its own thread, owns every connection; each connection has one owner
+task that enters and leaves the SDK's `Client` (anyio forbids entering a connection in one task and
+leaving it in another). Celery task threads hand calls to the loop and wait for their answer, so one
+process carries as many in-flight calls as it has task threads, over one session per server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import anyio
+import httpx2
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, ListToolsResult, TextContent
+
+from orchestrator.config import Config, HttpServer, StdioServer
+from orchestrator.errors import StepTimeout, ToolCallError, ToolError, TransportError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception, looking inside the ExceptionGroups that `async with` raises."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(inner) for inner in exc.exceptions)
+    text = str(exc) or type(exc).__name__
+    return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+
+
+class Connection:
+    """One open MCP session to one server, rebuilt on the next call after it breaks."""
+
+    def __init__(self, name: str, spec: StdioServer | HttpServer, errlog: TextIO) -> None:
+        self.name = name
+        self._spec = spec
+        self._errlog = errlog
+        self._client: Client | None = None
+        self._owner: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._generation = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._client is not None and self._owner is not None and not self._owner.done()
+
+    async def client(self) -> tuple[Client, int]:
+        """The open client and its generation, connecting first when there is none."""
+        if self.alive and self._client is not None:
+            return self._client, self._generation
+        async with self._lock:
+            if not self.alive:
+                await self._open()
+            assert self._client is not None
+            return self._client, self._generation
+
+    async def _open(self) -> None:
+        self._generation += 1
+        self._stop = asyncio.Event()
+        ready: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
+        self._owner = asyncio.create_task(self._own(ready, self._stop), name=f"mcp-session-{self.name}")
+        self._client = await ready
+
+    async def _own(self, ready: asyncio.Future[Client], stop: asyncio.Event) -> None:
+        try:
+            async with Client(self._transport(), cache=None) as client:
+                ready.set_result(client)
+                await stop.wait()
+        except BaseException as exc:  # boundary: the owner task reports, it never raises into the loop
+            if not ready.done():
+                ready.set_exception(TransportError(f"cannot connect to MCP server '{self.name}': {describe(exc)}"))
+            elif not isinstance(exc, asyncio.CancelledError):
+                log.warning("MCP session to %s ended: %s", self.name, describe(exc))
+        finally:
+            self._client = None
+
+    def _transport(self) -> Any:
+        if isinstance(self._spec, HttpServer):
+            http = httpx2.AsyncClient(headers=self._spec.headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            return streamable_http_client(self._spec.url, http_client=http)
+        params = StdioServerParameters(
+            command=self._spec.command, args=self._spec.args, env=self._spec.env or None, cwd=self._spec.cwd
+        )
+        return stdio_client(params, errlog=self._errlog)
+
+    def reset(self, generation: int) -> None:
+        """Drop the session a failed call used, unless it was already replaced."""
+        if generation == self._generation:
+            self._stop.set()
+            self._client = None
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._owner is not None:
+            with contextlib.suppress(BaseException):
+                await self._owner
+
+
+class SessionPool:
+    """Every MCP session of this process, and the event loop that owns them."""
+
+    def __init__(self, config: Config, log_dir: Path) -> None:
+        self._config = config
+        self._log_dir = log_dir
+        self._connections: dict[str, Connection] = {}
+        self._logs: dict[str, TextIO] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the pool's loop from any other thread and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._running_loop())
+        return future.result(timeout)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        with self._start_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=loop.run_forever, name="mcp-sessions", daemon=True)
+                self._thread.start()
+                self._loop = loop
+            return self._loop
+
+    def _connection(self, server: str) -> Connection:
+        if server not in self._connections:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            errlog = self._logs.setdefault(server, open(self._log_dir / f"{server}.stderr.log", "a"))  # noqa: SIM115
+            self._connections[server] = Connection(server, self._config.server_params(server), errlog)
+        return self._connections[server]
+
+    async def call_tool(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
+        """Call one tool; the output is its structured content when it has one, else its text."""
+        result = await self._request(server, timeout, lambda client: client.call_tool(tool, arguments, timeout))
+        assert isinstance(result, CallToolResult)
+        text = "\n".join(block.text for block in result.content if isinstance(block, TextContent))
+        if result.is_error:
+            raise ToolError(text or f"tool '{tool}' failed", tool=tool)
+        return result.structured_content if result.structured_content is not None else text
+
+    async def list_tools(self, server: str, timeout: float = 30.0) -> ListToolsResult:
+        """The server's tools, asked of the server itself (the client cache is off)."""
+        result = await self._request(server, timeout, lambda client: client.list_tools())
+        assert isinstance(result, ListToolsResult)
+        return result
+
+    async def _request(self, server: str, timeout: float, send: Any) -> Any:
+        connection = self._connection(server)
+        client, generation = await connection.client()
+        try:
+            return await asyncio.wait_for(send(client), timeout)
+        except TimeoutError as exc:
+            raise StepTimeout(f"no answer from '{server}' within {timeout:g} s; the call was cancelled") from exc
+        except MCPError as exc:
+            if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
+                connection.reset(generation)
+                raise TransportError(f"MCP server '{server}': {exc.message}") from exc
+            raise ToolCallError(f"MCP server '{server}' refused the request: {exc.message} (code {exc.code})") from exc
+        except (
+            OSError,
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            anyio.EndOfStream,
+            httpx2.HTTPError,
+        ) as exc:
+            connection.reset(generation)
+            raise TransportError(f"MCP server '{server}': connection lost: {describe(exc)}") from exc
+
+    def close(self) -> None:
+        """Close every session (stopping stdio servers) and the loop."""
+        if self._loop is None:
+            return
+
+        async def close_all() -> None:
+            await asyncio.gather(*(connection.close() for connection in self._connections.values()))
+
+        with contextlib.suppress(Exception):
+            self.run(close_all(), timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+        self._loop = None
+        self._connections.clear()
+        for errlog in self._logs.values():
+            errlog.close()
+        self._logs.clear()
