@@ -206,3 +206,15 @@ def test_enqueue_without_a_worker_says_which_service_and_command(tmp_path: Path,
         orchestrator.enqueue("w")
     assert "no worker serves queue(s)" in str(caught.value) and ".s" in str(caught.value)
     assert "mcp-orchestrator worker --service s" in str(caught.value)
+
+
+def test_one_worker_process_carries_over_64_calls_in_flight(test_orch: Orchestrator) -> None:
+    workflow = Workflow.model_validate({"id": "wide", "steps": [
+        {"id": f"c{i}", "service": "testing", "tool": "concurrent", "parameters": {"seconds": 3.0}, "depends_on": []}
+        for i in range(80)
+    ]})  # fmt: skip
+    result = test_orch.enqueue(workflow).wait(120)
+    assert result.status == "succeeded", result.errors
+    outputs = [step.output for step in result.steps.values()]
+    assert max(output["max_in_flight"] for output in outputs) >= 64
+    assert len({step.worker for step in result.steps.values()}) == 1

@@ -158,6 +158,11 @@ class SessionPool:
         assert isinstance(result, ListToolsResult)
         return result
 
+    async def protocol_version(self, server: str) -> str:
+        """The protocol version negotiated with the server (connecting if needed)."""
+        client, _ = await self._connection(server).client()
+        return client.protocol_version
+
     async def _request(self, server: str, timeout: float, send: Any) -> Any:
         connection = self._connection(server)
         client, generation = await connection.client()

@@ -11,6 +11,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 
 server = MCPServer("testing")
+_in_flight = {"now": 0, "max": 0}
 
 
 @server.tool()
@@ -30,6 +31,25 @@ async def sleep(seconds: float = 0.05) -> dict[str, float]:
     """Sleep, then answer."""
     await asyncio.sleep(seconds)
     return {"slept": seconds}
+
+
+@server.tool()
+async def concurrent(seconds: float = 0.5) -> dict[str, int]:
+    """Sleep while counting the calls in flight at once; answers the highest count seen so far."""
+    _in_flight["now"] += 1
+    _in_flight["max"] = max(_in_flight["max"], _in_flight["now"])
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        _in_flight["now"] -= 1
+    return {"max_in_flight": _in_flight["max"], "pid": os.getpid()}
+
+
+@server.tool()
+def register(name: str) -> str:
+    """Add a tool at run time: a client that caches tool lists would not see it."""
+    server.add_tool(lambda: name, name=name, description=f"added at run time: {name}")
+    return name
 
 
 @server.tool()
