@@ -20,8 +20,10 @@ from orchestrator.expressions import references
 from orchestrator.results import RunResult
 from orchestrator.runs import RunStore
 from orchestrator.workflow import Graph, PlannedStep, Workflow
+from tasks.calls import step_signature
 from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, use_broker
+from workers.execution import StepCall
 from workers.inprocess import InProcessWorker
 
 
@@ -87,7 +89,7 @@ class Orchestrator:
         graph = self.config.graph(definition, name)
         self._check_timeouts(graph)
         store = self.store
-        self._ensure_workers({step.service for step in graph.steps})
+        self._ensure_workers({s.service for s in graph.steps} | {s.fallback.service for s in graph.steps if s.fallback})
         run_id = uuid.uuid4().hex
         store.create(run_id, graph, definition.version(), {**definition.params, **(params or {})})
         finish = app.signature("mcpo.finish", args=(run_id,), immutable=True, queue=control_queue())
@@ -100,6 +102,11 @@ class Orchestrator:
     ) -> RunResult:
         """Enqueue and wait: the result of the finished run."""
         return self.enqueue(workflow, params).wait(timeout)
+
+    def cancel(self, run_id: str) -> RunResult:
+        """Cancel a run: no further step starts, in-flight calls are cancelled; what finished is kept."""
+        self.store.cancel(run_id)
+        return self.status(run_id)
 
     def status(self, run_id: str) -> RunResult:
         """A run's result so far, by id, from any process."""
@@ -122,31 +129,44 @@ class Orchestrator:
 
     def _signature(self, run_id: str, step: PlannedStep) -> Signature:
         service = self.config.services[step.service]
-        message = {
-            "run_id": run_id,
-            "step_id": step.id,
-            "service": step.service,
-            "tool": step.tool,
-            "arguments": step.parameters,
-            "timeout": step.timeout or service.timeout,
-            "retries": service.retries if step.retries is None else step.retries,
-            "depends_on": list(step.depends_on),
-            "reads": sorted(references(step.parameters, "parameters")),
+        call = StepCall(
+            run_id=run_id,
+            step_id=step.id,
+            service=step.service,
+            tool=step.tool,
+            arguments=step.parameters,
+            timeout=step.timeout or service.timeout,
+            retries=service.retries if step.retries is None else step.retries,
+            depends_on=list(step.depends_on),
+            reads=sorted(references({"parameters": step.parameters, "when": step.when}, "")),
+            when=step.when,
+            optional=step.optional,
+            use_stale=step.use_stale,
+            retry_tool_errors=step.retry_tool_errors,
+            fallback=self._fallback(step),
+        )
+        return step_signature(call)
+
+    def _fallback(self, step: PlannedStep) -> dict[str, Any] | None:
+        if step.fallback is None:
+            return None
+        service = self.config.services[step.fallback.service]
+        return {
+            "service": step.fallback.service,
+            "tool": step.fallback.tool or step.tool,
+            "arguments": step.parameters if step.fallback.parameters is None else step.fallback.parameters,
+            "timeout": service.timeout,
+            "retries": service.retries,
         }
-        return app.signature(
-            "mcpo.call", kwargs=message, immutable=True, queue=queue_for(step.service),
-            shadow=f"{step.service}.{step.tool}",
-        )  # fmt: skip
 
     def _check_timeouts(self, graph: Graph) -> None:
         limit = celeryconfig.settings.visibility_timeout
         for step in graph.steps:
             service = self.config.services[step.service]
-            retries = service.retries if step.retries is None else step.retries
-            budget = (step.timeout or service.timeout) * (retries + 1)
+            budget = step.timeout or service.timeout
             if budget >= limit:
                 raise ConfigError(
-                    f"{step.where}, field 'timeout': {budget:g} s over all attempts reaches the broker's "
+                    f"{step.where}, field 'timeout': {budget:g} s reaches the broker's "
                     f"visibility timeout ({limit} s, MCPO_VISIBILITY_TIMEOUT); a redelivered call would run twice",
                     source=self.config.source,
                 )

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.breaker import BreakerSettings
 from orchestrator.errors import ConfigError, WorkflowNotFound
 from orchestrator.workflow import Graph, Workflow, plan
 
@@ -58,6 +59,7 @@ class Service(BaseModel):
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     retries: int = Field(default=DEFAULT_RETRIES, ge=0)
     description: str | None = None
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
 
 
 class Config(BaseModel):

@@ -58,3 +58,11 @@ class TransportError(ToolCallError):
 
 class StepTimeout(TransportError):
     """A tool call took longer than its step's timeout and was cancelled."""
+
+
+class CircuitOpen(ToolCallError):
+    """The service instance's circuit breaker is open: the call was refused without MCP traffic."""
+
+
+class Cancelled(ToolCallError):
+    """The run was cancelled while the call was in flight; the call was cancelled on the server too."""

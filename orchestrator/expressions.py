@@ -57,7 +57,7 @@ def _walk_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
         yield value, where
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _walk_strings(item, f"{where}.{key}")
+            yield from _walk_strings(item, f"{where}.{key}" if where else str(key))
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _walk_strings(item, f"{where}[{index}]")
@@ -121,6 +121,19 @@ def _render_text(text: str, context: Mapping[str, Any], where: str) -> Any:
         last = end
     parts.append(text[last:])
     return "".join(parts)
+
+
+def condition(expression: str) -> str:
+    """A `when:` condition as a template: `"params.x == 'a'"` and `"${ params.x == 'a' }"` mean the same."""
+    text = expression.strip()
+    return text if text.startswith(OPEN) and text.endswith("}") else f"${{ {text} }}"
+
+
+def truthy(value: Any) -> bool:
+    """JMESPath truth: false, null, and empty strings, lists and objects are false."""
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, str | list | dict) and not value)
 
 
 def _as_text(value: Any) -> str:

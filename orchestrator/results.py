@@ -7,20 +7,35 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-StepStatus = Literal["pending", "running", "succeeded", "failed", "skipped", "cancelled"]
+StepStatus = Literal["pending", "running", "succeeded", "failed", "skipped", "degraded", "stale-cache", "cancelled"]
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")
-TERMINAL_STEP = ("succeeded", "failed", "skipped", "cancelled")
+TERMINAL_STEP = ("succeeded", "failed", "skipped", "degraded", "stale-cache", "cancelled")
+# Statuses a dependent step may run after: the step produced an output, fresh, stale or degraded.
+SATISFIED = ("succeeded", "degraded", "stale-cache")
+
+
+class AttemptError(BaseModel):
+    """One failed attempt of a step's call."""
+
+    attempt: int
+    service: str
+    instance: str
+    type: str
+    message: str
+    at: float
 
 
 class StepError(BaseModel):
-    """Why a step did not succeed."""
+    """A failure in a run: where, what, and how the run dealt with it (`handled_by`)."""
 
     step: str
     service: str
     tool: str
+    instance: str = ""
     type: str
     message: str
     attempts: int = 0
+    handled_by: str | None = None  # "fallback", "stale-cache" or "degraded"; None: the step failed
 
 
 class StepResult(BaseModel):
@@ -33,6 +48,11 @@ class StepResult(BaseModel):
     error: str | None = None
     error_type: str | None = None
     attempts: int = 0
+    attempt_errors: list[AttemptError] = Field(default_factory=list)
+    instance: str | None = None
+    served_by: str | None = None  # "service.tool" of the fallback that answered instead
+    skip_reason: Literal["condition", "upstream"] | None = None
+    stale_age_s: float | None = None
     duration_ms: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -52,6 +72,7 @@ class RunResult(BaseModel):
     steps: dict[str, StepResult] = Field(default_factory=dict)
     output: Any = None
     errors: list[StepError] = Field(default_factory=list)
+    error_summary: dict[str, dict[str, int]] = Field(default_factory=dict)  # service → error type → count
     params: dict[str, Any] = Field(default_factory=dict)
     created_at: float | None = None
     finished_at: float | None = None

@@ -38,6 +38,20 @@ class RunStore:
         self.ttl = ttl
         self._advance = redis.register_script(_ADVANCE)
 
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.namespace}:cancel"
+
+    def cancel(self, run_id: str) -> str:
+        """End a run as cancelled (unless it already ended) and tell every worker; returns its status."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._advance(keys=[self._run_key(run_id)], args=["cancelled", "finished_at", repr(time.time())], client=pipe)
+        pipe.publish(self.cancel_channel, run_id)
+        status = pipe.execute()[0]
+        if status is None:
+            raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
+        return _text(status)
+
     def _run_key(self, run_id: str) -> str:
         return f"{self.namespace}:run:{run_id}"
 
@@ -94,13 +108,16 @@ class RunStore:
             self._advance(keys=[self._run_key(run_id)], args=["running", "started_at", repr(time.time())], client=pipe)
         pipe.execute()
 
-    def finish(self, run_id: str, status: str, output: Any, errors: list[StepError]) -> str:
+    def finish(self, run_id: str, status: str, output: Any, errors: list[StepError],
+               summary: dict[str, dict[str, int]]) -> str:  # fmt: skip
         """Close a run unless it already ended (a cancel wins); returns the status it ends with."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            self._run_key(run_id),
-            mapping={"output": json.dumps(output), "errors": json.dumps([e.model_dump() for e in errors])},
-        )
+        fields: dict[Any, str] = {
+            "output": json.dumps(output),
+            "errors": json.dumps([e.model_dump() for e in errors]),
+            "error_summary": json.dumps(summary),
+        }
+        pipe.hset(self._run_key(run_id), mapping=fields)
         self._advance(keys=[self._run_key(run_id)], args=[status, "finished_at", repr(time.time())], client=pipe)
         return _text(pipe.execute()[-1])
 
@@ -134,6 +151,7 @@ class RunStore:
             steps={s["id"]: records[s["id"]] for s in plan["steps"] if s["id"] in records},
             output=json.loads(run["output"]) if "output" in run else None,
             errors=[StepError.model_validate(e) for e in json.loads(run.get("errors", "[]"))],
+            error_summary=json.loads(run.get("error_summary", "{}")),
             params=json.loads(run["params"]),
             created_at=float(run["created_at"]),
             finished_at=float(run["finished_at"]) if "finished_at" in run else None,

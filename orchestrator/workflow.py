@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.errors import ConfigError, ExpressionError
-from orchestrator.expressions import references
+from orchestrator.expressions import condition, references
 
 
 class Fallback(BaseModel):
@@ -41,6 +41,10 @@ class Step(BaseModel):
     retries: int | None = Field(default=None, ge=0)
     fallback: Fallback | None = None
     depends_on: list[str] | None = Field(default=None, alias="depends_on")
+    when: str | None = None
+    optional: bool = False
+    use_stale: float | None = Field(default=None, gt=0)
+    retry_tool_errors: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -84,6 +88,10 @@ class PlannedStep:
     fallback: Fallback | None
     depends_on: tuple[str, ...]
     where: str
+    when: str | None = None
+    optional: bool = False
+    use_stale: float | None = None
+    retry_tool_errors: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,10 @@ def _planned(step: Step, step_id: str, depends_on: tuple[str, ...], where: str) 
         fallback=step.fallback,
         depends_on=depends_on,
         where=where,
+        when=condition(step.when) if step.when else None,
+        optional=step.optional,
+        use_stale=step.use_stale,
+        retry_tool_errors=step.retry_tool_errors,
     )
 
 
@@ -256,7 +268,8 @@ def _references(value: Any, field: str, where: str, source: str | None) -> dict[
 def _check_references(graph: Graph, where: str, source: str | None) -> None:
     for step in graph.steps:
         upstream = graph.ancestors(step.id)
-        for name, path in _references(step.parameters, "parameters", step.where, source).items():
+        fields = {"parameters": step.parameters, "when": step.when}  # step.when is already a template
+        for name, path in _references(fields, "", step.where, source).items():
             if name not in graph.index:
                 raise ConfigError(f"{step.where}, field '{path}': reference to unknown step '{name}'", source=source)
             if name not in upstream:

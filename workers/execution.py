@@ -1,17 +1,28 @@
-"""Running one step (one MCP call) and closing a run: the logic behind the two Celery tasks."""
+"""Running one step (one MCP call) and closing a run: the logic behind the two Celery tasks.
+
+A step's failures are dealt with in the seed's order: an immediate retry for a transient network fault;
+exponential backoff with full jitter for the next ones (the task is re-sent with a countdown, so no worker
+slot waits); the circuit breaker refusing calls to an instance that keeps failing; the step's fallback
+service (the call moves to that service's queue, keeping its place in the canvas); the last good answer
+to the same call, if the step allows stale answers; and, for a step marked optional, degradation.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import RetryCallState, Retrying, wait_random_exponential
 
-from orchestrator.errors import OrchestratorError, TransportError
-from orchestrator.expressions import render
-from orchestrator.results import StepError, StepResult
+from orchestrator.errors import Cancelled, CircuitOpen, OrchestratorError, ToolError, TransportError
+from orchestrator.expressions import render, truthy
+from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
 from workers.runtime import Runtime
+
+BACKOFF = wait_random_exponential(multiplier=0.5, max=30)  # full jitter: uniform in [0, min(30, 0.5 * 2^n)]
 
 
 @dataclass(frozen=True)
@@ -27,85 +38,224 @@ class StepCall:
     retries: int
     depends_on: list[str] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)
+    when: str | None = None
+    optional: bool = False
+    use_stale: float | None = None
+    retry_tool_errors: bool = False
+    fallback: dict[str, Any] | None = None  # {service, tool, arguments, timeout, retries}
+    # Set as the call goes on: attempts made, when it began and its time budget ends, what it stands in for.
+    attempt: int = 0
+    started_at: float = 0.0
+    deadline: float = 0.0
+    attempt_errors: list[dict[str, Any]] = field(default_factory=list)
+    fallback_for: dict[str, Any] | None = None  # {service, tool, arguments}: the call this one replaces
 
 
-def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> StepResult:
-    """Run a step unless the run was cancelled or an upstream step did not succeed; record the outcome."""
+@dataclass(frozen=True)
+class Retry:
+    """Send the call again after `countdown` seconds."""
+
+    call: StepCall
+    countdown: float
+
+
+@dataclass(frozen=True)
+class Reroute:
+    """Hand the call to another service's queue (the step's fallback)."""
+
+    call: StepCall
+
+
+Outcome = StepResult | Retry | Reroute
+
+
+def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
+    """Run a step's call unless it must not run; record what happened, or say how to go on."""
     store = runtime.store
     status, params, records = store.inputs(call.run_id, {*call.depends_on, *call.reads})
-    result = StepResult(service=call.service, tool=call.tool, worker=worker)
-    blocked = [dep for dep in call.depends_on if dep not in records or records[dep].status != "succeeded"]
+    original = call.fallback_for or {"service": call.service, "tool": call.tool}
+    result = StepResult(service=original["service"], tool=original["tool"], worker=worker)
+    context = {
+        "params": params,
+        "steps": {sid: r.model_dump(include={"output", "status"}) for sid, r in records.items()},
+    }
+    verdict = _gate(call, status, records, context)
+    if verdict is not None:
+        result.status, result.skip_reason, result.error = verdict
+        store.save_step(call.run_id, call.step_id, result)
+        return result
+    try:
+        outcome = _attempt(runtime, call, context, result)
+    except Exception as exc:  # boundary: a step records any failure instead of breaking the canvas
+        result.status, result.error, result.error_type = "failed", f"{type(exc).__name__}: {exc}", type(exc).__name__
+        outcome = _finished(result, call, False)
+    if isinstance(outcome, StepResult):
+        store.save_step(call.run_id, call.step_id, outcome)
+    return outcome
+
+
+def _gate(call: StepCall, status: str, records: dict[str, StepResult], context: dict[str, Any]) -> Any:
+    """(status, skip reason, message) when the step must not run, else None."""
     if status == "cancelled":
+        return "cancelled", None, "the run was cancelled before this step started"
+    deps = [records.get(d) for d in call.depends_on]
+    for dep_id, dep in zip(call.depends_on, deps, strict=True):
+        if dep is None or dep.status in ("failed", "cancelled") or dep.skip_reason == "upstream":
+            return "skipped", "upstream", f"upstream step '{dep_id}' {dep.status if dep else 'is missing'}"
+    if deps and all(dep is not None and dep.skip_reason == "condition" for dep in deps):
+        return "skipped", "condition", "every step it depends on was skipped by its condition"
+    first_attempt = call.attempt == 0 and not call.fallback_for
+    if first_attempt and call.when is not None and not truthy(render(call.when, context, "when")):
+        return "skipped", "condition", f"condition is false: {call.when}"
+    return None
+
+
+def _attempt(runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult) -> Outcome:
+    """Make attempts until one succeeds, a backoff is due, or the failure is final."""
+    if call.started_at == 0.0:
+        now = time.time()
+        call = replace(call, started_at=now, deadline=now + call.timeout)
+    if call.deadline == 0.0:  # a fallback call starts a budget of its own
+        call = replace(call, deadline=time.time() + call.timeout)
+    instance = runtime.config.services[call.service].server
+    result.instance, result.started_at = instance, call.started_at
+    if call.attempt == 0:
+        runtime.store.save_step(call.run_id, call.step_id, result.model_copy(update={"status": "running"}))
+    arguments: dict[str, Any] = {}
+    while True:
+        try:
+            arguments = render(call.arguments, context)
+            result.output = _call_once(runtime, call, instance, arguments)
+        except OrchestratorError as exc:
+            call = _failed_attempt(call, instance, exc)
+            next_step = _after_failure(call, exc)
+            if next_step == "again":
+                continue
+            if isinstance(next_step, float):
+                return Retry(call, next_step)
+            return _give_up(runtime, call, arguments, result, exc)
+        result.status = "succeeded"
+        if call.fallback_for:
+            result.served_by = f"{call.service}.{call.tool}"
+        elif call.use_stale:
+            _remember(runtime, call, arguments, result.output)
+        return _finished(result, call, True)
+
+
+def _call_once(runtime: Runtime, call: StepCall, instance: str, arguments: dict[str, Any]) -> Any:
+    breaker = runtime.breaker(call.service, instance)
+    enabled = breaker.settings.enabled
+    permit = breaker.acquire() if enabled else None
+    if permit is not None and not permit.allowed:
+        until = time.strftime("%H:%M:%S", time.localtime(permit.retry_at)) if permit.retry_at else "trials end"
+        raise CircuitOpen(
+            f"circuit breaker for {call.service}/{instance} is {permit.state}; refusing calls until {until}"
+        )
+    budget = max(0.001, call.deadline - time.time())
+    began = time.monotonic()
+    failed = True
+    try:
+        output = runtime.pool.run(runtime.pool.call_tool(instance, call.tool, arguments, budget), key=call.run_id)
+        failed = False
+        return output
+    except ToolError:
+        failed = False  # the server answered: a tool's own error says nothing about the server's health
+        raise
+    finally:
+        if permit is not None:
+            breaker.record(permit, failed, time.monotonic() - began)
+
+
+def _failed_attempt(call: StepCall, instance: str, exc: OrchestratorError) -> StepCall:
+    error = AttemptError(attempt=call.attempt + 1, service=call.service, instance=instance, type=type(exc).__name__,
+                         message=str(exc), at=time.time())  # fmt: skip
+    return replace(call, attempt=call.attempt + 1, attempt_errors=[*call.attempt_errors, error.model_dump()])
+
+
+def _after_failure(call: StepCall, exc: OrchestratorError) -> str | float | None:
+    """ "again" for an immediate retry, a countdown for a backoff, None when the failure is final."""
+    retryable = isinstance(exc, TransportError) or (call.retry_tool_errors and isinstance(exc, ToolError))
+    remaining = call.deadline - time.time()
+    if not retryable or call.attempt > call.retries or remaining <= 0:
+        return None
+    first_network_fault = call.attempt == 1 and isinstance(exc, TransportError) and "timeout" not in str(exc).lower()
+    if first_network_fault:
+        return "again"
+    state = RetryCallState(Retrying(), None, (), {})
+    state.attempt_number = call.attempt
+    countdown = BACKOFF(state)
+    return countdown if countdown < remaining else None
+
+
+def _give_up(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult,
+             exc: OrchestratorError) -> Outcome:  # fmt: skip
+    """The call failed for good: fallback service, stale answer, degradation, or failure."""
+    result.error, result.error_type = str(exc), type(exc).__name__
+    if isinstance(exc, Cancelled):
         result.status = "cancelled"
-    elif blocked:
-        result.status, result.error = "skipped", f"upstream step '{blocked[0]}' {records[blocked[0]].status}"
-    else:
-        context = {
-            "params": params,
-            "steps": {sid: r.model_dump(include={"output", "status"}) for sid, r in records.items()},
-        }
-        result = _call(runtime, call, context, result)
-    store.save_step(call.run_id, call.step_id, result)
+    elif call.fallback and not call.fallback_for:
+        return Reroute(_fallback_call(call))
+    elif call.use_stale and isinstance(exc, TransportError | CircuitOpen):
+        original = call.fallback_for or {"service": call.service, "tool": call.tool, "arguments": arguments}
+        stale = _recall(runtime, original, call.use_stale)
+        if stale is not None:
+            result.status, result.output, result.stale_age_s = "stale-cache", stale[0], round(stale[1], 3)
+    if result.status == "pending":
+        result.status = "degraded" if call.optional else "failed"
+    return _finished(result, call, False)
+
+
+def _fallback_call(call: StepCall) -> StepCall:
+    fallback = call.fallback or {}
+    return replace(
+        call,
+        service=fallback["service"],
+        tool=fallback["tool"],
+        arguments=fallback["arguments"],
+        timeout=fallback["timeout"],
+        retries=fallback["retries"],
+        attempt=0,
+        deadline=0.0,
+        fallback_for={"service": call.service, "tool": call.tool, "arguments": call.arguments},
+    )
+
+
+def _finished(result: StepResult, call: StepCall, succeeded: bool) -> StepResult:
+    result.attempts = len(call.attempt_errors) + int(succeeded)
+    result.attempt_errors = [AttemptError.model_validate(e) for e in call.attempt_errors]
+    result.finished_at = time.time()
+    result.started_at = call.started_at or result.finished_at
+    result.duration_ms = round((result.finished_at - result.started_at) * 1000, 3)
     return result
 
 
-def _call(runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult) -> StepResult:
-    server = runtime.config.services[call.service].server
-    started = time.time()
-    running = result.model_copy(update={"status": "running", "started_at": started})
-    runtime.store.save_step(call.run_id, call.step_id, running)
-    attempts = 0
+def _cache_key(runtime: Runtime, service: str, tool: str, arguments: Any) -> str:
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{runtime.store.namespace}:cache:{service}:{tool}:{digest}"
 
-    async def attempt() -> Any:
-        nonlocal attempts
-        attempts += 1
-        arguments = render(call.arguments, context)
-        return await runtime.pool.call_tool(server, call.tool, arguments, call.timeout)
 
-    async def with_retries() -> Any:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(call.retries + 1),
-            wait=wait_random_exponential(multiplier=0.2, max=10),
-            retry=retry_if_exception(lambda exc: isinstance(exc, TransportError)),
-            reraise=True,
-        )
-        return await retrying(attempt)
+def _remember(runtime: Runtime, call: StepCall, arguments: dict[str, Any], output: Any) -> None:
+    key = _cache_key(runtime, call.service, call.tool, arguments)
+    value = json.dumps({"output": output, "at": time.time()})
+    runtime.store.redis.set(key, value, ex=int(call.use_stale or 0) or None)
 
-    finished = running.model_copy()
-    try:
-        finished.output = runtime.pool.run(with_retries())
-        finished.status = "succeeded"
-    except OrchestratorError as exc:
-        finished.status, finished.error, finished.error_type = "failed", str(exc), type(exc).__name__
-    except Exception as exc:  # boundary: a step records any failure instead of breaking the canvas
-        finished.status, finished.error, finished.error_type = (
-            "failed",
-            f"{type(exc).__name__}: {exc}",
-            type(exc).__name__,
-        )
-    finished.attempts = attempts
-    finished.finished_at = time.time()
-    finished.duration_ms = round((finished.finished_at - started) * 1000, 3)
-    return finished
+
+def _recall(runtime: Runtime, original: dict[str, Any], max_age: float | None) -> tuple[Any, float] | None:
+    raw = runtime.store.redis.get(_cache_key(runtime, original["service"], original["tool"], original["arguments"]))
+    if raw is None:
+        return None
+    entry = json.loads(raw)
+    age = time.time() - float(entry["at"])
+    return (entry["output"], age) if max_age is None or age <= max_age else None
 
 
 def finish_run(runtime: Runtime, run_id: str) -> str:
     """Aggregate a run's steps into its status, output and errors; returns the final status."""
     run = runtime.store.load(run_id)
     plan = runtime.store.plan(run_id)
-    errors = [
-        StepError(
-            step=sid,
-            service=s.service,
-            tool=s.tool,
-            type=s.error_type or s.status,
-            message=s.error or "",
-            attempts=s.attempts,
-        )
-        for sid, s in run.steps.items()
-        if s.status == "failed"
-    ]
-    status = "succeeded" if all(s.status == "succeeded" for s in run.steps.values()) else "failed"
+    errors = [error for step_id, step in run.steps.items() if (error := _step_error(step_id, step))]
+    ok = all(s.status in SATISFIED or s.skip_reason == "condition" for s in run.steps.values())
+    status = "succeeded" if ok else "failed"
     context = {
         "params": run.params,
         "steps": {sid: s.model_dump(include={"output", "status"}) for sid, s in run.steps.items()},
@@ -117,5 +267,31 @@ def finish_run(runtime: Runtime, run_id: str) -> str:
             output, status = None, "failed"
             errors.append(StepError(step="output", service="", tool="", type=type(exc).__name__, message=str(exc)))
     else:
-        output = {sid: run.steps[sid].output for sid in plan["sinks"] if run.steps[sid].status == "succeeded"}
-    return runtime.store.finish(run_id, status, output, errors)
+        output = {sid: run.steps[sid].output for sid in plan["sinks"] if run.steps[sid].status in SATISFIED}
+    return runtime.store.finish(run_id, status, output, errors, _error_summary(run.steps))
+
+
+def _step_error(step_id: str, step: StepResult) -> StepError | None:
+    """The failure a step met, and how the run dealt with it; None for a step that had none."""
+    handled = "fallback" if step.served_by else {"degraded": "degraded", "stale-cache": "stale-cache"}.get(step.status)
+    if step.status != "failed" and handled is None:
+        return None
+    last = step.attempt_errors[-1] if step.attempt_errors else None
+    return StepError(
+        step=step_id, service=last.service if last else step.service, tool=step.tool,
+        instance=last.instance if last else step.instance or "", type=step.error_type or (last.type if last else ""),
+        message=step.error or (last.message if last else ""), attempts=step.attempts, handled_by=handled,
+    )  # fmt: skip
+
+
+def _error_summary(steps: dict[str, StepResult]) -> dict[str, dict[str, int]]:
+    """Every failed attempt of the run, counted by service and error type."""
+    summary: dict[str, dict[str, int]] = {}
+    for step in steps.values():
+        failures = [(a.service, a.type) for a in step.attempt_errors]
+        if step.status == "failed" and not failures:
+            failures = [(step.service, step.error_type or "Error")]
+        for service, kind in failures:
+            summary.setdefault(service, {}).setdefault(kind, 0)
+            summary[service][kind] += 1
+    return summary

@@ -1,13 +1,15 @@
-"""What one process needs to run steps: the configuration, the run store and the session pool."""
+"""What one process needs to run steps: the configuration, the run store, breakers and the session pool."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from redis import Redis
 
 import celeryconfig
+from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
 from orchestrator.runs import RunStore
@@ -20,14 +22,34 @@ class Runtime:
     config: Config
     store: RunStore
     pool: SessionPool
+    _breakers: dict[tuple[str, str], CircuitBreaker] = field(default_factory=dict)
+    _listener: Any = None
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
         settings = celeryconfig.settings
         store = RunStore(Redis.from_url(redis_url), settings.namespace, settings.run_ttl)
-        return cls(config=config, store=store, pool=SessionPool(config, settings.home / "logs"))
+        runtime = cls(config=config, store=store, pool=SessionPool(config, settings.home / "logs"))
+        runtime._listen_for_cancels()
+        return runtime
+
+    def breaker(self, service: str, instance: str) -> CircuitBreaker:
+        """The shared breaker of one service instance."""
+        key = (service, instance)
+        if key not in self._breakers:
+            redis_key = f"{self.store.namespace}:breaker:{service}:{instance}"
+            self._breakers[key] = CircuitBreaker(self.store.redis, redis_key, self.config.services[service].breaker)
+        return self._breakers[key]
+
+    def _listen_for_cancels(self) -> None:
+        # A cancelled run's in-flight calls are cancelled in every worker, told over pub/sub.
+        pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub.subscribe(**{self.store.cancel_channel: lambda message: self.pool.cancel(message["data"].decode())})
+        self._listener = pubsub.run_in_thread(sleep_time=0.2, daemon=True)
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
         self.pool.close()
         self.store.redis.close()
 

@@ -9,6 +9,7 @@ process carries as many in-flight calls as it has task threads, over one session
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -25,7 +26,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, ListToolsResult, TextContent
 
 from orchestrator.config import Config, HttpServer, StdioServer
-from orchestrator.errors import StepTimeout, ToolCallError, ToolError, TransportError
+from orchestrator.errors import Cancelled, StepTimeout, ToolCallError, ToolError, TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,11 +122,43 @@ class SessionPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._in_flight: dict[str, set[asyncio.Task[Any]]] = {}
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the pool's loop from any other thread and wait for its result."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._running_loop())
-        return future.result(timeout)
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None, key: str | None = None) -> T:
+        """Run a coroutine on the pool's loop from any other thread and wait for its result.
+
+        With a key (a run id), `cancel(key)` cancels it; the caller then gets `Cancelled`.
+        """
+        future = asyncio.run_coroutine_threadsafe(self._tracked(coroutine, key), self._running_loop())
+        try:
+            return future.result(timeout)
+        except concurrent.futures.CancelledError as exc:
+            raise Cancelled("the run was cancelled; the call was cancelled on the server") from exc
+
+    async def _tracked(self, coroutine: Coroutine[Any, Any, T], key: str | None) -> T:
+        if key is None:
+            return await coroutine
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.setdefault(key, set()).add(task)
+        try:
+            return await coroutine
+        finally:
+            tasks = self._in_flight.get(key, set())
+            tasks.discard(task)
+            if not tasks:
+                self._in_flight.pop(key, None)
+
+    def cancel(self, key: str) -> None:
+        """Cancel every call in flight under key (from any thread)."""
+        if self._loop is None:
+            return
+
+        def cancel_all() -> None:
+            for task in list(self._in_flight.get(key, ())):
+                task.cancel()
+
+        self._loop.call_soon_threadsafe(cancel_all)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._start_lock:

@@ -12,6 +12,7 @@ from mcp.server.mcpserver import MCPServer
 
 server = MCPServer("testing")
 _in_flight = {"now": 0, "max": 0}
+_cancelled: list[str] = []
 
 
 @server.tool()
@@ -50,6 +51,23 @@ def register(name: str) -> str:
     """Add a tool at run time: a client that caches tool lists would not see it."""
     server.add_tool(lambda: name, name=name, description=f"added at run time: {name}")
     return name
+
+
+@server.tool()
+async def hang(tag: str = "", seconds: float = 3600) -> str:
+    """Hang until cancelled (or for `seconds`); a cancelled call is remembered by its tag."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _cancelled.append(tag)
+        raise
+    return tag
+
+
+@server.tool()
+def cancelled() -> list[str]:
+    """Tags of the `hang` calls the client cancelled."""
+    return _cancelled
 
 
 @server.tool()

@@ -1,0 +1,189 @@
+"""A circuit breaker whose state lives in Redis, shared by every worker (resilience4j's semantics).
+
+closed: calls flow; the outcomes of the last `window_size` calls are kept, and once `minimum_calls`
+have been seen, a failure rate or slow-call rate at or over its threshold opens the breaker.
+open: every call is refused at once until `wait_in_open` has passed; then the next ask moves it to
+half-open. half-open: exactly `permitted_calls_in_half_open` trial calls are let through, however many
+workers ask at once; when they have all ended, their failure and slow rates close or re-open it.
+
+Each ask and each record is one Lua script: one round trip, atomic across processes. A breaker state
+has a generation: an outcome recorded under an older generation (a call let through before the last
+transition) changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis import Redis
+
+State = Literal["closed", "open", "half_open"]
+
+_NOW = """
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+ACQUIRE = (
+    _NOW
+    + """
+local key, permitted = KEYS[1], tonumber(ARGV[2])
+local state = redis.call('HGET', key, 'state') or 'closed'
+local gen = tonumber(redis.call('HGET', key, 'gen') or '0')
+if state == 'open' then
+  local reopen = tonumber(redis.call('HGET', key, 'open_until'))
+  if now < reopen then return {0, state, gen, reopen} end
+  gen = gen + 1
+  state = 'half_open'
+  redis.call('HSET', key, 'state', state, 'gen', gen, 'trials', 0, 'trial_done', 0, 'trial_fails', 0,
+             'trial_slows', 0, 'changed_at', now)
+end
+if state == 'half_open' then
+  if tonumber(redis.call('HGET', key, 'trials') or '0') >= permitted then return {0, state, gen, 0} end
+  redis.call('HINCRBY', key, 'trials', 1)
+end
+return {1, state, gen, 0}
+"""
+)
+
+RECORD = (
+    _NOW
+    + """
+local key, window = KEYS[1], KEYS[2]
+local gen, failed, slow = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local size, minimum = tonumber(ARGV[5]), tonumber(ARGV[6])
+local fail_pct, slow_pct = tonumber(ARGV[7]), tonumber(ARGV[8])
+local wait_ms, permitted = tonumber(ARGV[9]), tonumber(ARGV[10])
+local state = redis.call('HGET', key, 'state') or 'closed'
+local current = tonumber(redis.call('HGET', key, 'gen') or '0')
+if current ~= gen then return {state, current} end
+local function over(fails, slows, calls)
+  return fails * 100 >= fail_pct * calls or slows * 100 >= slow_pct * calls
+end
+local function move(to)
+  redis.call('DEL', window)
+  redis.call('HSET', key, 'state', to, 'gen', current + 1, 'fails', 0, 'slows', 0, 'changed_at', now)
+  if to == 'open' then redis.call('HSET', key, 'open_until', now + wait_ms, 'opened_at', now) end
+  return {to, current + 1}
+end
+if state == 'closed' then
+  local calls = redis.call('RPUSH', window, failed + 2 * slow)
+  local fails = redis.call('HINCRBY', key, 'fails', failed)
+  local slows = redis.call('HINCRBY', key, 'slows', slow)
+  if calls > size then
+    local oldest = tonumber(redis.call('LPOP', window))
+    -- 0 - x, not -x: Lua's -0 reaches Redis as "-0", which HINCRBY refuses.
+    fails = redis.call('HINCRBY', key, 'fails', 0 - oldest % 2)
+    slows = redis.call('HINCRBY', key, 'slows', 0 - math.floor(oldest / 2))
+    calls = size
+  end
+  if calls >= minimum and over(fails, slows, calls) then return move('open') end
+elseif state == 'half_open' then
+  local done = redis.call('HINCRBY', key, 'trial_done', 1)
+  local fails = redis.call('HINCRBY', key, 'trial_fails', failed)
+  local slows = redis.call('HINCRBY', key, 'trial_slows', slow)
+  if done >= permitted then
+    if over(fails, slows, done) then return move('open') end
+    return move('closed')
+  end
+end
+return {state, current}
+"""
+)
+
+
+class BreakerSettings(BaseModel):
+    """A service's breaker settings (the `breaker:` block of a service); the defaults suit most fleets."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    window_size: int = Field(default=20, ge=1)
+    minimum_calls: int = Field(default=10, ge=1)
+    failure_rate_threshold: float = Field(default=50.0, gt=0, le=100)
+    slow_call_duration: float = Field(default=30.0, gt=0)
+    slow_call_rate_threshold: float = Field(default=100.0, gt=0, le=100)
+    wait_in_open: float = Field(default=30.0, ge=0)
+    permitted_calls_in_half_open: int = Field(default=3, ge=1)
+
+
+@dataclass(frozen=True)
+class Permit:
+    """The answer to one ask: whether the call may go, and the breaker state it was asked in."""
+
+    allowed: bool
+    state: State
+    generation: int
+    retry_at: float | None  # epoch seconds when an open breaker lets a trial through
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A breaker as the CLI and API show it."""
+
+    state: State
+    failure_rate: float | None
+    slow_rate: float | None
+    calls: int
+    retry_at: float | None
+    changed_at: float | None
+
+
+class CircuitBreaker:
+    """One breaker in Redis, for one service instance."""
+
+    def __init__(self, redis: Redis, key: str, settings: BreakerSettings) -> None:
+        self.key = key
+        self.window_key = f"{key}:window"
+        self.settings = settings
+        self._redis = redis
+        self._acquire = redis.register_script(ACQUIRE)
+        self._record = redis.register_script(RECORD)
+
+    def acquire(self, now: float | None = None) -> Permit:
+        """Ask to make one call (one round trip)."""
+        allowed, state, generation, reopen = self._acquire(
+            keys=[self.key], args=[_ms(now), self.settings.permitted_calls_in_half_open]
+        )
+        return Permit(bool(allowed), _state(state), int(generation), int(reopen) / 1000 if reopen else None)
+
+    def record(self, permit: Permit, failed: bool, duration: float, now: float | None = None) -> State:
+        """Record a permitted call's outcome (one round trip); returns the state after it."""
+        s = self.settings
+        slow = duration >= s.slow_call_duration
+        state, _ = self._record(
+            keys=[self.key, self.window_key],
+            args=[_ms(now), permit.generation, int(failed), int(slow), s.window_size, s.minimum_calls,
+                  s.failure_rate_threshold, s.slow_call_rate_threshold, int(s.wait_in_open * 1000),
+                  s.permitted_calls_in_half_open],
+        )  # fmt: skip
+        return _state(state)
+
+    def snapshot(self) -> Snapshot:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self.key)
+        pipe.llen(self.window_key)
+        fields, calls = pipe.execute()
+        data: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
+        state = data.get("state", "closed")
+        calls = min(int(calls), self.settings.window_size)
+        reopen = int(data["open_until"]) / 1000 if state == "open" and "open_until" in data else None
+        changed = int(data["changed_at"]) / 1000 if "changed_at" in data else None
+        fails, slows = (100.0 * int(data.get(name, 0)) / calls if calls else None for name in ("fails", "slows"))
+        return Snapshot(_state(state), fails, slows, calls, reopen, changed)
+
+    def reset(self) -> None:
+        self._redis.delete(self.key, self.window_key)
+
+
+def _state(value: Any) -> State:
+    return cast(State, value.decode() if isinstance(value, bytes) else str(value))
+
+
+def _ms(now: float | None) -> int:
+    """Milliseconds for the scripts; 0 asks them to use the Redis server's clock, shared by every worker."""
+    return 0 if now is None else int(now * 1000)
