@@ -1,0 +1,248 @@
+"""Resilience end to end: real worker processes, real Redis, MCP servers that fail on purpose."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from redis import Redis
+
+from orchestrator import Orchestrator, RunResult, Workflow, load_config
+from orchestrator.breaker import CircuitBreaker
+
+from .conftest import ROOT, TEST_SERVICES, WorkerProcesses
+
+BREAKER = {"window_size": 4, "minimum_calls": 4, "failure_rate_threshold": 50, "wait_in_open": 3,
+           "permitted_calls_in_half_open": 2}  # fmt: skip
+
+
+@dataclass
+class Faulty:
+    """The faulty server's controls, and an orchestrator over it and the testing service."""
+
+    orch: Orchestrator
+    state: Path
+    breaker: CircuitBreaker
+
+    def set(self, mode: str, **options: Any) -> None:
+        self.state.write_text(json.dumps({"mode": mode, **options}))
+        self.state.with_suffix(".calls").write_text("")
+
+    def calls(self) -> int:
+        return len(self.state.with_suffix(".calls").read_text().splitlines())
+
+    def run(self, steps: list[dict[str, Any]], params: dict[str, Any] | None = None, timeout: float = 90) -> RunResult:
+        workflow = Workflow.model_validate({"id": "faulty", "steps": steps})
+        return self.orch.enqueue(workflow, params).wait(timeout)
+
+
+@pytest.fixture(scope="module")
+def faulty(redis_url: str, workers: WorkerProcesses, test_orch: Orchestrator,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:  # fmt: skip
+    """Two worker processes serving the `faulty` service, whose breaker opens after 2 failures of 4 calls."""
+    home = tmp_path_factory.mktemp("faulty")
+    state = home / "state.json"
+    config = yaml.safe_load(TEST_SERVICES.read_text())
+    config["servers"]["testing"]["args"] = [str(ROOT / "tests" / "servers" / "testing.py")]
+    config["servers"]["faulty"] = {"command": "python", "args": [str(ROOT / "tests" / "servers" / "faulty.py")],
+                                   "env": {"FAULTY_STATE": str(state)}}  # fmt: skip
+    config["services"]["faulty"] = {
+        "server": "faulty",
+        "tools": ["work"],
+        "timeout": 20,
+        "retries": 1,
+        "breaker": BREAKER,
+    }
+    path = home / "faulty.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path)
+    workers.start("faulty", config=path)
+    workers.start("faulty", config=path)
+    with Orchestrator(loaded, redis_url=redis_url) as orchestrator:
+        import celeryconfig
+
+        key = f"{celeryconfig.settings.namespace}:breaker:faulty:faulty"
+        yield Faulty(
+            orchestrator, state, CircuitBreaker(Redis.from_url(redis_url), key, loaded.services["faulty"].breaker)
+        )
+
+
+@pytest.fixture
+def fresh(faulty: Faulty) -> Faulty:
+    faulty.breaker.reset()
+    faulty.set("ok")
+    return faulty
+
+
+def work(step_id: str, **options: Any) -> dict[str, Any]:
+    return {"id": step_id, "service": "faulty", "tool": "work", "parameters": {"x": step_id}, "depends_on": [],
+            **options}  # fmt: skip
+
+
+def test_transient_faults_are_retried_immediately_then_with_backoff(fresh: Faulty, workers: WorkerProcesses) -> None:
+    fresh.set("crash_first", n=2)
+    result = fresh.run([work("w", retries=3)])
+    step = result.steps["w"]
+    assert result.status == "succeeded", result.errors
+    assert step.attempts == 3 and [e.type for e in step.attempt_errors] == ["TransportError", "TransportError"]
+    assert step.output["x"] == "w"
+    logs = "".join(p.read_text(errors="replace") for p in workers.log_dir.glob("worker-faulty-*.log"))
+    assert "Retry in" in logs  # the second retry waited in the broker, not in a worker slot
+    assert result.error_summary == {"faulty": {"TransportError": 2}}
+
+
+def test_tool_errors_are_retried_only_when_the_step_asks(fresh: Faulty) -> None:
+    fresh.set("error")
+    plain = fresh.run([work("w", retries=2)])
+    assert plain.steps["w"].attempts == 1 and plain.steps["w"].error_type == "ToolError"
+    asked = fresh.run([work("w", retries=2, retry_tool_errors=True)])
+    assert asked.steps["w"].attempts == 3 and asked.status == "failed"
+
+
+def test_timeout_cancels_the_call_on_the_server_and_the_worker_stays_healthy(test_orch: Orchestrator) -> None:
+    tag = uuid.uuid4().hex
+    steps = [
+        {"id": "h", "service": "testing", "tool": "hang", "parameters": {"tag": tag}, "timeout": 1.5, "retries": 0}
+    ]
+    result = test_orch.enqueue(Workflow.model_validate({"steps": steps})).wait(60)
+    assert result.steps["h"].status == "failed" and result.steps["h"].error_type == "StepTimeout"
+    after = test_orch.enqueue(Workflow.model_validate({"steps": [{"service": "testing", "tool": "cancelled"}]})).wait(
+        60
+    )
+    assert tag in after.steps["cancelled"].output["result"]  # the server was told: MCP cancellation
+
+
+def test_breaker_opens_refuses_half_opens_and_closes_across_two_workers(fresh: Faulty) -> None:
+    fresh.set("crash")
+    opened = fresh.run([work(f"f{i}", retries=0) for i in range(4)])
+    assert opened.status == "failed" and fresh.breaker.snapshot().state == "open"
+    assert {s.error_type for s in opened.steps.values()} == {"TransportError"}
+
+    fresh.set("crash")
+    refused = fresh.run([work(f"r{i}", retries=0) for i in range(16)])
+    assert fresh.calls() == 0  # no MCP traffic while open
+    assert {s.error_type for s in refused.steps.values()} == {"CircuitOpen"}
+    assert "circuit breaker for faulty/faulty is open; refusing calls until" in (refused.steps["r0"].error or "")
+    assert len({s.worker for s in refused.steps.values()}) == 2  # both worker processes see the shared state
+
+    fresh.set("ok")  # the server recovers; after the wait, trials go through and close the breaker
+    time.sleep(BREAKER["wait_in_open"] + 0.5)
+    trial = fresh.run([work(f"t{i}", retries=0) for i in range(6)])
+    statuses = sorted(s.status for s in trial.steps.values())
+    assert statuses.count("succeeded") >= BREAKER["permitted_calls_in_half_open"]
+    assert fresh.breaker.snapshot().state == "closed"
+    closed = fresh.run([work(f"c{i}", retries=0) for i in range(6)])
+    assert closed.status == "succeeded"
+
+
+def test_fallback_service_takes_the_call_and_keeps_its_place(fresh: Faulty) -> None:
+    fresh.set("crash")
+    fallback = {"service": "testing", "tool": "echo", "parameters": {"value": "from fallback"}}
+    result = fresh.run([
+        work("primary", retries=1, fallback=fallback),
+        {"id": "next", "service": "testing", "tool": "echo", "parameters": {"value": "${ steps.primary.output.value }"},
+         "depends_on": ["primary"]},
+    ])  # fmt: skip
+    assert result.status == "succeeded", result.errors
+    step = result.steps["primary"]
+    assert step.served_by == "testing.echo" and step.output["value"] == "from fallback"
+    assert step.attempts == 3 and [e.service for e in step.attempt_errors] == ["faulty", "faulty"]
+    assert result.steps["next"].output["value"] == "from fallback"
+    assert [(e.step, e.handled_by) for e in result.errors] == [("primary", "fallback")]
+
+
+def test_stale_answer_when_the_service_is_down(fresh: Faulty) -> None:
+    step = work("cached", retries=0, use_stale=600)
+    first = fresh.run([step])
+    assert first.steps["cached"].status == "succeeded"
+    fresh.set("crash")
+    second = fresh.run([step])
+    cached = second.steps["cached"]
+    assert second.status == "succeeded"
+    assert cached.status == "stale-cache" and cached.output == first.steps["cached"].output
+    assert cached.stale_age_s is not None and cached.stale_age_s > 0
+    assert [e.handled_by for e in second.errors] == ["stale-cache"]
+
+
+def test_optional_step_degrades_and_the_run_goes_on(fresh: Faulty) -> None:
+    fresh.set("crash")
+    result = fresh.run([
+        work("extra", retries=0, optional=True),
+        {"id": "main", "service": "testing", "tool": "echo", "parameters": {"value": "${ steps.extra.output }"},
+         "depends_on": ["extra"]},
+    ])  # fmt: skip
+    assert result.status == "succeeded"
+    assert result.steps["extra"].status == "degraded" and result.steps["extra"].error_type == "TransportError"
+    assert result.steps["main"].status == "succeeded" and result.steps["main"].output["value"] is None
+    assert [(e.step, e.handled_by) for e in result.errors] == [("extra", "degraded")]
+
+
+def echo(step_id: str, deps: list[str], **options: Any) -> dict[str, Any]:
+    return {"id": step_id, "service": "testing", "tool": "echo", "parameters": {"value": step_id}, "depends_on": deps,
+            **options}  # fmt: skip
+
+
+def test_conditions_choose_branches_at_run_time(test_orch: Orchestrator) -> None:
+    workflow = Workflow.model_validate({"id": "branches", "steps": [
+        echo("check", []),
+        echo("prod", ["check"], when="params.env == 'production'"),
+        echo("staging", ["check"], when="${ params.env != 'production' && steps.check.status == 'succeeded' }"),
+        echo("after_prod", ["prod"]),
+        echo("join", ["prod", "staging"]),
+    ]})  # fmt: skip
+    result = test_orch.enqueue(workflow, {"env": "staging"}).wait(60)
+    assert result.status == "succeeded", result.errors
+    assert {k: (s.status, s.skip_reason) for k, s in result.steps.items()} == {
+        "check": ("succeeded", None), "prod": ("skipped", "condition"), "staging": ("succeeded", None),
+        "after_prod": ("skipped", "condition"), "join": ("succeeded", None),
+    }  # fmt: skip
+    production = test_orch.enqueue(workflow, {"env": "production"}).wait(60)
+    assert production.steps["prod"].status == "succeeded" and production.steps["staging"].status == "skipped"
+
+
+def test_cancel_stops_the_run_and_cancels_in_flight_calls(test_orch: Orchestrator) -> None:
+    tag = uuid.uuid4().hex
+    workflow = Workflow.model_validate({"id": "long", "steps": [
+        echo("quick", []),
+        {"id": "hang", "service": "testing", "tool": "hang", "parameters": {"tag": tag}, "depends_on": ["quick"]},
+        echo("never", ["hang"]),
+    ]})  # fmt: skip
+    run = test_orch.enqueue(workflow)
+    deadline = time.monotonic() + 30
+    while run.status().steps["hang"].status != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the call is in flight on the server
+    assert test_orch.cancel(run.id).status == "cancelled"
+    while not run.status().steps["never"].done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result = run.status()
+    assert result.status == "cancelled"
+    assert {k: s.status for k, s in result.steps.items()} == {"quick": "succeeded", "hang": "cancelled",
+                                                              "never": "cancelled"}  # fmt: skip
+    assert result.steps["quick"].output["value"] == "quick"  # what had finished is kept
+    seen = test_orch.enqueue(Workflow.model_validate({"steps": [{"service": "testing", "tool": "cancelled"}]})).wait(60)
+    assert tag in seen.steps["cancelled"].output["result"]
+
+
+def test_a_failed_branch_loses_no_other_branch_and_errors_are_summarised(test_orch: Orchestrator) -> None:
+    workflow = Workflow.model_validate({"id": "branches", "steps": [
+        echo("a", []), echo("b", []),
+        {"id": "bad", "service": "testing", "tool": "fail", "depends_on": []},
+        echo("join", ["a", "b", "bad"]),
+    ]})  # fmt: skip
+    result = test_orch.enqueue(workflow).wait(60)
+    assert result.status == "failed"
+    assert {k: s.status for k, s in result.steps.items()} == {"a": "succeeded", "b": "succeeded", "bad": "failed",
+                                                              "join": "skipped"}  # fmt: skip
+    assert result.steps["a"].output["value"] == "a" and result.steps["b"].output["value"] == "b"
+    assert [(e.step, e.service, e.instance, e.type, e.attempts) for e in result.errors] == [
+        ("bad", "testing", "testing", "ToolError", 1)
+    ]
+    assert result.error_summary == {"testing": {"ToolError": 1}}
