@@ -1,8 +1,8 @@
 """An MCP server whose faults the test sets: it reads its mode from a JSON file on every call.
 
 Modes: ok, crash (the process dies mid-call), crash_first (the first `n` calls crash), hang, error
-(is_error), slow (answers after `delay`), flaky (crashes on a share `rate` of calls). Every call is appended to the calls file, so a test can
-count the MCP traffic that reached the server.
+(is_error), slow (answers after `delay`), flaky (crashes on a share `rate` of calls). Every call is
+appended to the calls file, so a test can count the MCP traffic that reached the server.
 """
 
 from __future__ import annotations
