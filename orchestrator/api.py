@@ -12,12 +12,13 @@ from celery.canvas import Signature
 from redis import Redis
 
 import celeryconfig
+from orchestrator.breaker import CircuitBreaker
 from orchestrator.compiler import shape, to_canvas
 from orchestrator.config import Config, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunTimeout, WorkflowNotFound
 from orchestrator.expressions import references
-from orchestrator.results import RunResult
+from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
 from orchestrator.workflow import Graph, PlannedStep, Workflow
 from tasks.calls import step_signature
@@ -107,6 +108,19 @@ class Orchestrator:
         """Cancel a run: no further step starts, in-flight calls are cancelled; what finished is kept."""
         self.store.cancel(run_id)
         return self.status(run_id)
+
+    def services(self) -> list[InstanceStatus]:
+        """Every service instance with its breaker's state, failure rate and when it lets calls through again."""
+        statuses = []
+        for name, service in sorted(self.config.services.items()):
+            breaker = CircuitBreaker.of(self.store.redis, self.store.namespace, name, service.server, service.breaker)
+            snap = breaker.snapshot()
+            statuses.append(InstanceStatus(
+                service=name, instance=service.server, tools=service.tools,
+                breaker=snap.state if service.breaker.enabled else "disabled", failure_rate=snap.failure_rate,
+                slow_rate=snap.slow_rate, calls=snap.calls, retry_at=snap.retry_at,
+            ))  # fmt: skip
+        return statuses
 
     def status(self, run_id: str) -> RunResult:
         """A run's result so far, by id, from any process."""

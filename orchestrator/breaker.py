@@ -65,10 +65,13 @@ if current ~= gen then return {state, current} end
 local function over(fails, slows, calls)
   return fails * 100 >= fail_pct * calls or slows * 100 >= slow_pct * calls
 end
-local function move(to)
+local function move(to, fails, slows, calls)
   redis.call('DEL', window)
   redis.call('HSET', key, 'state', to, 'gen', current + 1, 'fails', 0, 'slows', 0, 'changed_at', now)
-  if to == 'open' then redis.call('HSET', key, 'open_until', now + wait_ms, 'opened_at', now) end
+  if to == 'open' then
+    redis.call('HSET', key, 'open_until', now + wait_ms, 'opened_at', now,
+               'trip_fail_rate', fails * 100 / calls, 'trip_slow_rate', slows * 100 / calls, 'trip_calls', calls)
+  end
   return {to, current + 1}
 end
 if state == 'closed' then
@@ -82,14 +85,14 @@ if state == 'closed' then
     slows = redis.call('HINCRBY', key, 'slows', 0 - math.floor(oldest / 2))
     calls = size
   end
-  if calls >= minimum and over(fails, slows, calls) then return move('open') end
+  if calls >= minimum and over(fails, slows, calls) then return move('open', fails, slows, calls) end
 elseif state == 'half_open' then
   local done = redis.call('HINCRBY', key, 'trial_done', 1)
   local fails = redis.call('HINCRBY', key, 'trial_fails', failed)
   local slows = redis.call('HINCRBY', key, 'trial_slows', slow)
   if done >= permitted then
-    if over(fails, slows, done) then return move('open') end
-    return move('closed')
+    if over(fails, slows, done) then return move('open', fails, slows, done) end
+    return move('closed', fails, slows, done)
   end
 end
 return {state, current}
@@ -136,6 +139,11 @@ class Snapshot:
 class CircuitBreaker:
     """One breaker in Redis, for one service instance."""
 
+    @classmethod
+    def of(cls, redis: Redis, namespace: str, service: str, instance: str, settings: BreakerSettings) -> CircuitBreaker:
+        """The breaker every worker shares for one instance of a service."""
+        return cls(redis, f"{namespace}:breaker:{service}:{instance}", settings)
+
     def __init__(self, redis: Redis, key: str, settings: BreakerSettings) -> None:
         self.key = key
         self.window_key = f"{key}:window"
@@ -169,12 +177,15 @@ class CircuitBreaker:
         pipe.llen(self.window_key)
         fields, calls = pipe.execute()
         data: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
-        state = data.get("state", "closed")
+        state = _state(data.get("state", "closed"))
+        if state != "closed" and "trip_calls" in data:  # the rates that opened it
+            rates = float(data["trip_fail_rate"]), float(data["trip_slow_rate"])
+            reopen = int(data["open_until"]) / 1000 if state == "open" else None
+            return Snapshot(state, *rates, int(data["trip_calls"]), reopen, int(data["changed_at"]) / 1000)
         calls = min(int(calls), self.settings.window_size)
-        reopen = int(data["open_until"]) / 1000 if state == "open" and "open_until" in data else None
         changed = int(data["changed_at"]) / 1000 if "changed_at" in data else None
         fails, slows = (100.0 * int(data.get(name, 0)) / calls if calls else None for name in ("fails", "slows"))
-        return Snapshot(_state(state), fails, slows, calls, reopen, changed)
+        return Snapshot(state, fails, slows, calls, None, changed)
 
     def reset(self) -> None:
         self._redis.delete(self.key, self.window_key)

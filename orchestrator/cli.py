@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +157,33 @@ def status(run_id: str, config_path: str | None, as_json: bool) -> None:
             result = orchestrator.status(run_id)
         _print_result(result, as_json)
     sys.exit(0 if result.status in ("succeeded", "pending", "running") else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("run_id")
+def cancel(run_id: str) -> None:
+    """Cancel a run: no further step starts and in-flight calls are cancelled; finished steps are kept."""
+    with _errors(), Orchestrator(parse_config({})) as orchestrator:
+        result = orchestrator.cancel(run_id)
+    click.echo(f"run {run_id} {result.status}")
+    sys.exit(0 if result.status == "cancelled" else EXIT_FAILED)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print the states as JSON")
+def services(config_path: str | None, as_json: bool) -> None:
+    """Each service instance: its breaker state, failure rate, and when an open breaker tries again."""
+    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+        states = orchestrator.services()
+    if as_json:
+        click.echo(json.dumps([state.model_dump() for state in states], indent=2))
+        return
+    click.echo(f"{'SERVICE':16} {'INSTANCE':16} {'BREAKER':10} {'FAILURES':>8} {'CALLS':>5}  RETRY AT")
+    for state in states:
+        rate = f"{state.failure_rate:.0f}%" if state.failure_rate is not None else "-"
+        retry = time.strftime("%H:%M:%S", time.localtime(state.retry_at)) if state.retry_at else "-"
+        click.echo(f"{state.service:16} {state.instance:16} {state.breaker:10} {rate:>8} {state.calls:>5}  {retry}")
 
 
 @main.command()

@@ -84,3 +84,16 @@ class RunResult(BaseModel):
     @property
     def succeeded(self) -> bool:
         return self.status == "succeeded"
+
+
+class InstanceStatus(BaseModel):
+    """One instance of a service as `services` shows it: its tools and its breaker."""
+
+    service: str
+    instance: str
+    tools: list[str]
+    breaker: Literal["closed", "open", "half_open", "disabled"]
+    failure_rate: float | None = None
+    slow_rate: float | None = None
+    calls: int = 0
+    retry_at: float | None = None

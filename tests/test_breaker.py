@@ -156,9 +156,10 @@ def test_half_open_trials_never_exceed_the_permits_across_processes(redis_url: s
     breaker.record(breaker.acquire(), True, 0.1)  # one failure opens it
     assert breaker.snapshot().state == "open"
     time.sleep(0.25)  # the wait is over: the next asks race for the half-open trials
-    results: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
-    start = time.time() + 0.5
-    processes = [multiprocessing.Process(target=_hammer, args=(redis_url, key, start, results)) for _ in range(8)]
+    spawn = multiprocessing.get_context("spawn")  # not fork: this process has threads holding locks
+    results = spawn.Queue()
+    start = time.time() + 3
+    processes = [spawn.Process(target=_hammer, args=(redis_url, key, start, results)) for _ in range(8)]
     for process in processes:
         process.start()
     granted = [results.get(timeout=60) for _ in processes]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ class Faulty:
     orch: Orchestrator
     state: Path
     breaker: CircuitBreaker
+    config: Path
 
     def set(self, mode: str, **options: Any) -> None:
         self.state.write_text(json.dumps({"mode": mode, **options}))
@@ -66,12 +69,11 @@ def faulty(redis_url: str, workers: WorkerProcesses, test_orch: Orchestrator,
     workers.start("faulty", config=path)
     workers.start("faulty", config=path)
     with Orchestrator(loaded, redis_url=redis_url) as orchestrator:
-        import celeryconfig
-
-        key = f"{celeryconfig.settings.namespace}:breaker:faulty:faulty"
-        yield Faulty(
-            orchestrator, state, CircuitBreaker(Redis.from_url(redis_url), key, loaded.services["faulty"].breaker)
+        namespace = orchestrator.store.namespace
+        breaker = CircuitBreaker.of(
+            Redis.from_url(redis_url), namespace, "faulty", "faulty", loaded.services["faulty"].breaker
         )
+        yield Faulty(orchestrator, state, breaker, path)
 
 
 @pytest.fixture
@@ -246,3 +248,33 @@ def test_a_failed_branch_loses_no_other_branch_and_errors_are_summarised(test_or
         ("bad", "testing", "testing", "ToolError", 1)
     ]
     assert result.error_summary == {"testing": {"ToolError": 1}}
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)  # fmt: skip
+
+
+def test_services_shows_each_breaker(fresh: Faulty, worker_env: dict[str, str]) -> None:
+    for _ in range(4):
+        fresh.breaker.record(fresh.breaker.acquire(), True, 0.1)
+    shown = cli(worker_env, "services", "--config", str(fresh.config), "--json")
+    assert shown.returncode == 0, shown.stderr
+    states = {s["service"]: s for s in json.loads(shown.stdout)}
+    assert states["faulty"]["breaker"] == "open" and states["faulty"]["failure_rate"] == 100.0
+    assert states["faulty"]["retry_at"] > time.time()
+    assert states["testing"]["breaker"] == "closed"
+    table = cli(worker_env, "services", "--config", str(fresh.config))
+    assert any(line.split()[:3] == ["faulty", "faulty", "open"] for line in table.stdout.splitlines())
+
+
+def test_cancel_from_the_command_line(test_orch: Orchestrator, worker_env: dict[str, str]) -> None:
+    workflow = Workflow.model_validate(
+        {"steps": [{"service": "testing", "tool": "hang", "parameters": {"seconds": 30}}]}
+    )
+    run = test_orch.enqueue(workflow)
+    done = cli(worker_env, "cancel", run.id)
+    assert done.returncode == 0 and done.stdout.strip() == f"run {run.id} cancelled"
+    assert run.wait(30).status == "cancelled"
+    again = cli(worker_env, "cancel", "no-such-run")
+    assert again.returncode == 2 and "run no-such-run is not known" in again.stderr

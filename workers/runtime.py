@@ -37,8 +37,8 @@ class Runtime:
         """The shared breaker of one service instance."""
         key = (service, instance)
         if key not in self._breakers:
-            redis_key = f"{self.store.namespace}:breaker:{service}:{instance}"
-            self._breakers[key] = CircuitBreaker(self.store.redis, redis_key, self.config.services[service].breaker)
+            settings = self.config.services[service].breaker
+            self._breakers[key] = CircuitBreaker.of(self.store.redis, self.store.namespace, service, instance, settings)
         return self._breakers[key]
 
     def _listen_for_cancels(self) -> None:
