@@ -45,6 +45,7 @@ result_expires = settings.result_expires
 broker_connection_retry_on_startup = True
 task_default_queue = f"{settings.namespace}.control"
 worker_prefetch_multiplier = 1
-worker_send_task_events = True
-task_send_sent_event = True
+# Task events cost the worker a publish per state change; Flower switches them on when it starts watching.
+worker_send_task_events = False
+task_send_sent_event = False
 worker_hijack_root_logger = False

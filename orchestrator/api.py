@@ -8,23 +8,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from celery.canvas import Signature
 from redis import Redis
 
 import celeryconfig
 from orchestrator.breaker import CircuitBreaker
-from orchestrator.compiler import shape, to_canvas
+from orchestrator.compiler import compile_run
 from orchestrator.config import Config, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunTimeout, WorkflowNotFound
-from orchestrator.expressions import references
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
-from orchestrator.workflow import Graph, PlannedStep, Workflow
-from tasks.calls import step_signature
+from orchestrator.workflow import Graph, Workflow
 from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, use_broker
-from workers.execution import StepCall
 from workers.inprocess import InProcessWorker
 
 
@@ -92,10 +88,10 @@ class Orchestrator:
         store = self.store
         self._ensure_workers({s.service for s in graph.steps} | {s.fallback.service for s in graph.steps if s.fallback})
         run_id = uuid.uuid4().hex
-        store.create(run_id, graph, definition.version(), {**definition.params, **(params or {})})
-        finish = app.signature("mcpo.finish", args=(run_id,), immutable=True, queue=control_queue())
-        canvas = to_canvas(shape(graph), lambda step_id: self._signature(run_id, graph.index[step_id]), finish)
-        canvas.apply_async()
+        params = {**definition.params, **(params or {})}
+        fallback = self._fallback_run(definition.fallback, run_id, params) if definition.fallback else None
+        store.write(run_id, store.records(graph, definition.version(), params, fallback))
+        compile_run(self.config, run_id, graph).apply_async()
         return Run(self, run_id)
 
     def run(
@@ -141,37 +137,16 @@ class Orchestrator:
             return load_workflow(path, self.config)
         return str(workflow), self.config.workflow(str(workflow))
 
-    def _signature(self, run_id: str, step: PlannedStep) -> Signature:
-        service = self.config.services[step.service]
-        call = StepCall(
-            run_id=run_id,
-            step_id=step.id,
-            service=step.service,
-            tool=step.tool,
-            arguments=step.parameters,
-            timeout=step.timeout or service.timeout,
-            retries=service.retries if step.retries is None else step.retries,
-            depends_on=list(step.depends_on),
-            reads=sorted(references({"parameters": step.parameters, "when": step.when}, "")),
-            when=step.when,
-            optional=step.optional,
-            use_stale=step.use_stale,
-            retry_tool_errors=step.retry_tool_errors,
-            fallback=self._fallback(step),
-        )
-        return step_signature(call)
-
-    def _fallback(self, step: PlannedStep) -> dict[str, Any] | None:
-        if step.fallback is None:
-            return None
-        service = self.config.services[step.fallback.service]
-        return {
-            "service": step.fallback.service,
-            "tool": step.fallback.tool or step.tool,
-            "arguments": step.parameters if step.fallback.parameters is None else step.fallback.parameters,
-            "timeout": service.timeout,
-            "retries": service.retries,
-        }
+    def _fallback_run(self, name: str, run_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A fallback workflow's run, compiled now, while the whole configuration is at hand: the worker
+        that finds the run failed only stores it and starts its canvas."""
+        workflow = self.config.workflow(name)
+        graph = self.config.graph(workflow, name)
+        self._ensure_workers({s.service for s in graph.steps})
+        child_id = uuid.uuid4().hex
+        records = RunStore.records(graph, workflow.version(), {**workflow.params, **params})
+        canvas = compile_run(self.config, child_id, graph, after_fallback=run_id)
+        return {"run_id": child_id, "records": records, "canvas": dict(canvas)}
 
     def _check_timeouts(self, graph: Graph) -> None:
         limit = celeryconfig.settings.visibility_timeout

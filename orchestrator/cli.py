@@ -241,7 +241,7 @@ def _serve(config: Config, services: list[str], concurrency: int, loglevel: str)
     queues = ",".join([*(queue_for(name) for name in services), control_queue()])
     name = f"{'+'.join(services)}-{os.getpid()}@%h"
     app.worker_main(["worker", "-Q", queues, "-P", "threads", "-c", str(concurrency), "-n", name,
-                     "--loglevel", loglevel, "-E"])  # fmt: skip
+                     "--loglevel", loglevel])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,13 +8,19 @@ dependency still holds, though a step may wait for a source it does not depend o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from celery import chain, group
-from celery.canvas import Signature
+from celery.canvas import Signature, _chord
 
-from orchestrator.workflow import Graph
+from orchestrator.config import Config
+from orchestrator.expressions import references
+from orchestrator.workflow import Graph, PlannedStep
+from workers.app import app, control_queue, queue_for
+from workers.execution import StepCall
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def to_canvas(node: Shape | None, task: Callable[[str], Signature], finish: Sign
     """The Celery canvas for a shape, ending in `finish` (which makes a final group a chord).
 
     Celery pitfalls handled here: an empty workflow is just `finish`; a single-item group or chain is
-    its item (a one-task group would hand back a list where a value is expected); chains are flat.
+    its item (a one-task group would hand back a list where a value is expected); chains are flat; and a
+    chain that ends in a group inside another group keeps that group's results (see `_keep_results`).
     """
     if node is None:
         return finish
@@ -108,8 +115,85 @@ def _signature(node: Shape, task: Callable[[str], Signature]) -> Signature:
     if len(items) == 1:
         return items[0]
     if isinstance(node, Parallel):
+        for item, signature in zip(node.items, items, strict=True):
+            if isinstance(item, Series) and isinstance(item.items[-1], Parallel):
+                _keep_results(signature.tasks[-1])
         return group(items)
     flat: list[Signature] = []
     for item in items:
         flat.extend(item.tasks if isinstance(item, chain) else [item])
     return chain(*flat)
+
+
+def _keep_results(signature: Signature) -> None:
+    """Store the results of every task under signature, though tasks ignore theirs by default.
+
+    A chord whose header holds a chain ending in a group joins that group's results from the result
+    backend; without them the chord would wait forever.
+    """
+    if isinstance(signature, _chord):
+        for member in [*signature.tasks, signature.body]:
+            _keep_results(member)
+    elif isinstance(signature, group | chain):
+        for member in signature.tasks:
+            _keep_results(member)
+    else:
+        signature.set(ignore_result=False)
+
+
+def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str | None = None) -> Signature:
+    """The whole canvas of one run: every step's call, then `mcpo.finish`.
+
+    `after_fallback` names the run this one stands in for: its finish then closes that run too.
+    """
+    options: dict[str, Any] = {"after_fallback": after_fallback} if after_fallback else {}
+    finish = app.signature("mcpo.finish", args=(run_id,), kwargs=options, immutable=True, queue=control_queue())
+    return to_canvas(
+        shape(graph), lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id])), finish
+    )
+
+
+def step_call(config: Config, run_id: str, step: PlannedStep) -> StepCall:
+    """The task message of one step: service defaults applied, the data it reads and its fallback resolved."""
+    service = config.services[step.service]
+    return StepCall(
+        run_id=run_id,
+        step_id=step.id,
+        service=step.service,
+        tool=step.tool,
+        arguments=step.parameters,
+        timeout=step.timeout or service.timeout,
+        retries=service.retries if step.retries is None else step.retries,
+        depends_on=list(step.depends_on),
+        reads=sorted(references({"parameters": step.parameters, "when": step.when}, "")),
+        when=step.when,
+        optional=step.optional,
+        use_stale=step.use_stale,
+        retry_tool_errors=step.retry_tool_errors,
+        fallback=_fallback(config, step),
+    )
+
+
+def _fallback(config: Config, step: PlannedStep) -> dict[str, Any] | None:
+    if step.fallback is None:
+        return None
+    service = config.services[step.fallback.service]
+    return {
+        "service": step.fallback.service,
+        "tool": step.fallback.tool or step.tool,
+        "arguments": step.parameters if step.fallback.parameters is None else step.fallback.parameters,
+        "timeout": service.timeout,
+        "retries": service.retries,
+    }
+
+
+def step_signature(step: StepCall) -> Signature:
+    """The signature of one step's call, routed to its service's queue and named `service.tool`.
+
+    Flower and logs show the run, the step and the arguments as written in the workflow (templates, not
+    the values they resolve to), cut short; Celery would otherwise build that text from every field.
+    """
+    arguments = json.dumps(step.arguments, separators=(",", ":"), default=str)
+    shown = f"run={step.run_id} step={step.step_id} arguments={arguments[:200]}"
+    return app.signature("mcpo.call", kwargs=step.message(), immutable=True, queue=queue_for(step.service),
+                         shadow=f"{step.service}.{step.tool}", argsrepr="()", kwargsrepr=shown)  # fmt: skip

@@ -35,7 +35,7 @@ class StepError(BaseModel):
     type: str
     message: str
     attempts: int = 0
-    handled_by: str | None = None  # "fallback", "stale-cache" or "degraded"; None: the step failed
+    handled_by: str | None = None  # fallback, stale-cache, degraded or fallback-workflow; None: it failed
 
 
 class StepResult(BaseModel):
@@ -74,6 +74,7 @@ class RunResult(BaseModel):
     errors: list[StepError] = Field(default_factory=list)
     error_summary: dict[str, dict[str, int]] = Field(default_factory=dict)  # service → error type → count
     params: dict[str, Any] = Field(default_factory=dict)
+    fallback_run: str | None = None  # the run of the workflow's fallback workflow, when it had to run
     created_at: float | None = None
     finished_at: float | None = None
 

@@ -2,7 +2,8 @@
 
 Keys (under the namespace): `run:<id>` a hash of the run's fields, `run:<id>:steps` a hash of step id →
 StepResult JSON. A step's record is written by the one task that runs it, so no two writers race on a
-field; run status moves forward only (pending → running → terminal), by a Lua script.
+field. A run is pending, running once a step has started, and ends once: a Lua script sets the first
+terminal status and keeps it.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from orchestrator.errors import RunNotFound
 from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
 from orchestrator.workflow import Graph
 
-# Moves status forward: to 'running' only from 'pending'; to a terminal status from any live one.
-_ADVANCE = """
+# Ends a run unless it already ended: the first terminal status wins (a cancel over a late finish).
+_END = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
 if current == 'succeeded' or current == 'failed' or current == 'cancelled' then return current end
-if ARGV[1] == 'running' and current ~= 'pending' then return current end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 return ARGV[1]
 """
 
@@ -36,7 +36,7 @@ class RunStore:
         self.redis = redis
         self.namespace = namespace
         self.ttl = ttl
-        self._advance = redis.register_script(_ADVANCE)
+        self._end = redis.register_script(_END)
 
     @property
     def cancel_channel(self) -> str:
@@ -45,7 +45,7 @@ class RunStore:
     def cancel(self, run_id: str) -> str:
         """End a run as cancelled (unless it already ended) and tell every worker; returns its status."""
         pipe = self.redis.pipeline(transaction=True)
-        self._advance(keys=[self._run_key(run_id)], args=["cancelled", "finished_at", repr(time.time())], client=pipe)
+        self._end(keys=[self._run_key(run_id)], args=["cancelled", repr(time.time())], client=pipe)
         pipe.publish(self.cancel_channel, run_id)
         status = pipe.execute()[0]
         if status is None:
@@ -58,29 +58,28 @@ class RunStore:
     def _steps_key(self, run_id: str) -> str:
         return f"{self.namespace}:run:{run_id}:steps"
 
-    def create(self, run_id: str, graph: Graph, version: str, params: dict[str, Any]) -> None:
+    @staticmethod
+    def records(graph: Graph, version: str, params: dict[str, Any], fallback: Any = None) -> dict[str, Any]:
+        """What `write` stores for a new pending run; `fallback` is what starts if the run fails."""
         plan = {
             "steps": [
                 {"id": s.id, "service": s.service, "tool": s.tool, "depends_on": s.depends_on} for s in graph.steps
             ],
             "sinks": graph.sinks(),
             "output": graph.output,
+            "fallback": fallback,
         }
-        steps: dict[Any, str] = {
-            s.id: StepResult(service=s.service, tool=s.tool).model_dump_json() for s in graph.steps
-        }
-        fields: dict[Any, str] = {
-            "workflow": graph.name,
-            "version": version,
-            "status": "pending",
-            "params": json.dumps(params),
-            "plan": json.dumps(plan),
-            "created_at": repr(time.time()),
-        }
+        fields = {"workflow": graph.name, "version": version, "status": "pending", "params": json.dumps(params),
+                  "plan": json.dumps(plan)}  # fmt: skip
+        steps = {s.id: StepResult(service=s.service, tool=s.tool).model_dump_json() for s in graph.steps}
+        return {"fields": fields, "steps": steps}
+
+    def write(self, run_id: str, records: dict[str, Any]) -> None:
+        """Store a new pending run made by `records`, created now."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._run_key(run_id), mapping=fields)
-        if steps:
-            pipe.hset(self._steps_key(run_id), mapping=steps)
+        pipe.hset(self._run_key(run_id), mapping={**records["fields"], "created_at": repr(time.time())})
+        if records["steps"]:
+            pipe.hset(self._steps_key(run_id), mapping=records["steps"])
         pipe.expire(self._run_key(run_id), self.ttl)
         pipe.expire(self._steps_key(run_id), self.ttl)
         pipe.execute()
@@ -101,11 +100,11 @@ class RunStore:
         return _text(status), json.loads(params), steps
 
     def save_step(self, run_id: str, step_id: str, result: StepResult) -> None:
-        """Record a step; the first step to start moves the run to 'running'."""
+        """Record a step; the first step to start marks the run started (a pending run with a start is running)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self._steps_key(run_id), step_id, result.model_dump_json())
         if result.status == "running":
-            self._advance(keys=[self._run_key(run_id)], args=["running", "started_at", repr(time.time())], client=pipe)
+            pipe.hsetnx(self._run_key(run_id), "started_at", repr(time.time()))
         pipe.execute()
 
     def finish(self, run_id: str, status: str, output: Any, errors: list[StepError],
@@ -118,14 +117,17 @@ class RunStore:
             "error_summary": json.dumps(summary),
         }
         pipe.hset(self._run_key(run_id), mapping=fields)
-        self._advance(keys=[self._run_key(run_id)], args=[status, "finished_at", repr(time.time())], client=pipe)
+        self._end(keys=[self._run_key(run_id)], args=[status, repr(time.time())], client=pipe)
         return _text(pipe.execute()[-1])
 
+    def link_fallback(self, run_id: str, fallback_run: str) -> None:
+        self.redis.hset(self._run_key(run_id), "fallback_run", fallback_run)
+
     def status(self, run_id: str) -> str:
-        raw = self.redis.hget(self._run_key(run_id), "status")
-        if raw is None:
+        status, started = self.redis.hmget(self._run_key(run_id), ["status", "started_at"])
+        if status is None:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
-        return _text(raw)
+        return _live(_text(status), started)
 
     def plan(self, run_id: str) -> dict[str, Any]:
         raw = self.redis.hget(self._run_key(run_id), "plan")
@@ -147,18 +149,23 @@ class RunStore:
         return RunResult(
             id=run_id,
             workflow=run["workflow"],
-            status=run["status"],  # type: ignore[arg-type]
+            status=_live(run["status"], run.get("started_at")),  # type: ignore[arg-type]
             steps={s["id"]: records[s["id"]] for s in plan["steps"] if s["id"] in records},
             output=json.loads(run["output"]) if "output" in run else None,
             errors=[StepError.model_validate(e) for e in json.loads(run.get("errors", "[]"))],
             error_summary=json.loads(run.get("error_summary", "{}")),
             params=json.loads(run["params"]),
+            fallback_run=run.get("fallback_run"),
             created_at=float(run["created_at"]),
             finished_at=float(run["finished_at"]) if "finished_at" in run else None,
         )
 
     def is_terminal(self, status: str) -> bool:
         return status in TERMINAL_RUN
+
+
+def _live(status: str, started_at: Any) -> str:
+    return "running" if status == "pending" and started_at is not None else status
 
 
 def _text(value: Any) -> str:

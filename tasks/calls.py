@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from celery import Task
+from celery.canvas import maybe_signature
 
+from orchestrator.compiler import step_signature
 from workers import runtime
-from workers.app import app, queue_for
+from workers.app import app
 from workers.execution import Reroute, Retry, StepCall, execute_step, finish_run
 
 
-@app.task(name="mcpo.call", bind=True, max_retries=None)
+# Results live in the run store; Celery's result backend is still told of chord members (Celery does that
+# whatever ignore_result says), so ignoring results costs fan-ins nothing.
+@app.task(name="mcpo.call", bind=True, max_retries=None, ignore_result=True)
 def call(self: Task, **message: Any) -> dict[str, Any]:
     """One MCP tool call; shown as `service.tool` in logs and Flower (the signature's shadow name)."""
     outcome = execute_step(runtime.current(), StepCall(**message), self.request.hostname)
     if isinstance(outcome, Retry):
         # Re-sent with a countdown: the backoff waits in the broker, not in a worker slot.
-        raise self.retry(kwargs=asdict(outcome.call), countdown=outcome.countdown)
+        raise self.retry(kwargs=outcome.call.message(), countdown=outcome.countdown)
     if isinstance(outcome, Reroute):
         # The fallback service's queue takes the call, keeping its place in the canvas.
         raise self.replace(step_signature(outcome.call))
     return {"step": message["step_id"], "status": outcome.status}
 
 
-@app.task(name="mcpo.finish")
-def finish(run_id: str) -> str:
-    """Aggregate a run once every step has ended (the chord callback of a final fan-out)."""
-    return finish_run(runtime.current(), run_id)
-
-
-def step_signature(step: StepCall) -> Any:
-    """The signature of one step's call, routed to its service's queue and named `service.tool`."""
-    return call.signature(kwargs=asdict(step), immutable=True, queue=queue_for(step.service),
-                          shadow=f"{step.service}.{step.tool}")  # fmt: skip
+@app.task(name="mcpo.finish", bind=True, ignore_result=True)
+def finish(self: Task, run_id: str, after_fallback: str | None = None) -> str:
+    """Aggregate a run once every step has ended; a failed run with a fallback workflow runs that first."""
+    current = runtime.current()
+    outcome = finish_run(current, run_id, after_fallback)
+    if isinstance(outcome, str):
+        return outcome
+    _, canvas = outcome
+    raise self.replace(maybe_signature(canvas, app=app))

@@ -77,3 +77,12 @@ def test_final_fan_out_becomes_a_chord_with_the_finish_callback() -> None:
 def test_chains_are_flat() -> None:
     canvas = to_canvas(Series(("a", Series(("b", "c")))), task, FINISH)
     assert [t.kwargs.get("step_id", "finish") for t in canvas.tasks] == ["a", "b", "c", "finish"]
+
+
+def test_a_chain_ending_in_a_group_inside_a_group_keeps_that_groups_results() -> None:
+    # Celery joins such a group's results from the backend: ignoring them would hang the outer chord.
+    canvas = to_canvas(Parallel((Series(("p", Parallel(("q1", "q2")))), "x")), task, FINISH)
+    assert isinstance(canvas, _chord)
+    branch, single = canvas.tasks
+    assert [t.options.get("ignore_result") for t in branch.tasks[-1].tasks] == [False, False]
+    assert branch.tasks[0].options.get("ignore_result") is None and single.options.get("ignore_result") is None

@@ -63,6 +63,12 @@ def faulty(redis_url: str, workers: WorkerProcesses, test_orch: Orchestrator,
         "retries": 1,
         "breaker": BREAKER,
     }
+    config["workflows"] = {
+        "risky": {"steps": [{"id": "deploy", "service": "faulty", "tool": "work", "parameters": {"x": "${ params.x }"},
+                             "retries": 0}], "fallback": "safe"},
+        "safe": {"steps": [{"id": "basic", "service": "testing", "tool": "echo",
+                            "parameters": {"value": "${ params.x }"}}]},
+    }  # fmt: skip
     path = home / "faulty.yaml"
     path.write_text(yaml.safe_dump(config))
     loaded = load_config(path)
@@ -256,13 +262,14 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_services_shows_each_breaker(fresh: Faulty, worker_env: dict[str, str]) -> None:
+    opened = time.time()
     for _ in range(4):
         fresh.breaker.record(fresh.breaker.acquire(), True, 0.1)
     shown = cli(worker_env, "services", "--config", str(fresh.config), "--json")
     assert shown.returncode == 0, shown.stderr
     states = {s["service"]: s for s in json.loads(shown.stdout)}
     assert states["faulty"]["breaker"] == "open" and states["faulty"]["failure_rate"] == 100.0
-    assert states["faulty"]["retry_at"] > time.time()
+    assert states["faulty"]["retry_at"] == pytest.approx(opened + BREAKER["wait_in_open"], abs=1.0)
     assert states["testing"]["breaker"] == "closed"
     table = cli(worker_env, "services", "--config", str(fresh.config))
     assert any(line.split()[:3] == ["faulty", "faulty", "open"] for line in table.stdout.splitlines())
@@ -278,3 +285,18 @@ def test_cancel_from_the_command_line(test_orch: Orchestrator, worker_env: dict[
     assert run.wait(30).status == "cancelled"
     again = cli(worker_env, "cancel", "no-such-run")
     assert again.returncode == 2 and "run no-such-run is not known" in again.stderr
+
+
+def test_failed_workflow_runs_its_fallback_workflow(fresh: Faulty) -> None:
+    fresh.set("crash")
+    result = fresh.orch.enqueue("risky", {"x": "v1"}).wait(90)
+    assert result.status == "succeeded" and result.fallback_run
+    assert result.steps["deploy"].status == "failed"
+    assert result.output == {"basic": fresh.orch.status(result.fallback_run).steps["basic"].output}
+    assert result.output["basic"]["value"] == "v1"
+    assert [(e.step, e.handled_by) for e in result.errors] == [("deploy", "fallback-workflow")]
+    fallback = fresh.orch.status(result.fallback_run)
+    assert fallback.workflow == "safe" and fallback.status == "succeeded"
+    fresh.set("ok")
+    healthy = fresh.orch.enqueue("risky", {"x": "v2"}).wait(90)
+    assert healthy.status == "succeeded" and healthy.fallback_run is None

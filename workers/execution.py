@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from tenacity import RetryCallState, Retrying, wait_random_exponential
@@ -49,6 +49,15 @@ class StepCall:
     deadline: float = 0.0
     attempt_errors: list[dict[str, Any]] = field(default_factory=list)
     fallback_for: dict[str, Any] | None = None  # {service, tool, arguments}: the call this one replaces
+
+    def message(self) -> dict[str, Any]:
+        """The task message's kwargs: fields left at their defaults are left out, since a chain's first
+        message carries every later step's message too."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != _default(f)}
+
+
+def _default(spec: Any) -> Any:
+    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
 
 
 @dataclass(frozen=True)
@@ -249,8 +258,25 @@ def _recall(runtime: Runtime, original: dict[str, Any], max_age: float | None) -
     return (entry["output"], age) if max_age is None or age <= max_age else None
 
 
-def finish_run(runtime: Runtime, run_id: str) -> str:
-    """Aggregate a run's steps into its status, output and errors; returns the final status."""
+def finish_run(runtime: Runtime, run_id: str, after_fallback: str | None = None) -> str | tuple[str, dict[str, Any]]:
+    """Close a run: its status, output and errors from its steps; returns the final status.
+
+    A failed run whose workflow names a fallback workflow is not closed: the fallback starts as a run of
+    its own (returned as its id and canvas), and closes this one when it ends (`after_fallback`).
+    """
+    status, output, errors, summary = _aggregate(runtime, run_id)
+    if status == "failed" and after_fallback is None and (child := _start_fallback(runtime, run_id)):
+        return child
+    final = runtime.store.finish(run_id, status, output, errors, summary)
+    if after_fallback is not None:
+        _, _, replaced_errors, replaced_summary = _aggregate(runtime, after_fallback)
+        handled = "fallback-workflow" if final == "succeeded" else None
+        errors = [error.model_copy(update={"handled_by": handled}) for error in replaced_errors]
+        runtime.store.finish(after_fallback, final, output, errors, replaced_summary)
+    return final
+
+
+def _aggregate(runtime: Runtime, run_id: str) -> tuple[str, Any, list[StepError], dict[str, dict[str, int]]]:
     run = runtime.store.load(run_id)
     plan = runtime.store.plan(run_id)
     errors = [error for step_id, step in run.steps.items() if (error := _step_error(step_id, step))]
@@ -260,15 +286,25 @@ def finish_run(runtime: Runtime, run_id: str) -> str:
         "params": run.params,
         "steps": {sid: s.model_dump(include={"output", "status"}) for sid, s in run.steps.items()},
     }
+    output: Any = None
     if plan.get("output") is not None:
         try:
             output = render(plan["output"], context, "output")
         except OrchestratorError as exc:
-            output, status = None, "failed"
+            status = "failed"
             errors.append(StepError(step="output", service="", tool="", type=type(exc).__name__, message=str(exc)))
     else:
         output = {sid: run.steps[sid].output for sid in plan["sinks"] if run.steps[sid].status in SATISFIED}
-    return runtime.store.finish(run_id, status, output, errors, _error_summary(run.steps))
+    return status, output, errors, _error_summary(run.steps)
+
+
+def _start_fallback(runtime: Runtime, run_id: str) -> tuple[str, dict[str, Any]] | None:
+    fallback = runtime.store.plan(run_id).get("fallback")
+    if not fallback:
+        return None
+    runtime.store.write(fallback["run_id"], fallback["records"])
+    runtime.store.link_fallback(run_id, fallback["run_id"])
+    return fallback["run_id"], fallback["canvas"]
 
 
 def _step_error(step_id: str, step: StepResult) -> StepError | None:
