@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery.signals import worker_shutdown
 from redis import Redis
 
 import celeryconfig
@@ -56,6 +57,14 @@ class Runtime:
 
 _current: Runtime | None = None
 _lock = threading.Lock()
+
+
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _close_on_shutdown(**_: Any) -> None:
+    # A worker's warm shutdown has let in-flight calls finish: close the MCP sessions (stopping stdio
+    # servers) before the process exits.
+    if _current is not None:
+        _current.close()
 
 
 def install(runtime: Runtime | None) -> None:
