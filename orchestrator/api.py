@@ -20,7 +20,7 @@ from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
 from orchestrator.workflow import Graph, Workflow
 from workers import runtime
-from workers.app import app, control_queue, queue_for, release_result_subscriptions, use_broker
+from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
 from workers.inprocess import InProcessWorker
 
 
@@ -167,8 +167,7 @@ class Orchestrator:
         if self._embedded is not None:
             self._start_in_process_worker()
             return
-        replies = app.control.inspect(timeout=1.0).active_queues() or {}
-        self._served = {queue["name"] for queues in replies.values() for queue in queues}
+        self._served = served_queues()
         missing = sorted(needed - self._served)
         if missing:
             prefix = f"{celeryconfig.settings.namespace}."

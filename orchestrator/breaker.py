@@ -4,7 +4,8 @@ closed: calls flow; the outcomes of the last `window_size` calls are kept, and o
 have been seen, a failure rate or slow-call rate at or over its threshold opens the breaker.
 open: every call is refused at once until `wait_in_open` has passed; then the next ask moves it to
 half-open. half-open: exactly `permitted_calls_in_half_open` trial calls are let through, however many
-workers ask at once; when they have all ended, their failure and slow rates close or re-open it.
+workers ask at once; when they have all ended, their failure and slow rates close or re-open it. Trials
+that have not all reported one wait after they began (a worker died mid-call) give way to new trials.
 
 Each ask and each record is one Lua script: one round trip, atomic across processes. A breaker state
 has a generation: an outcome recorded under an older generation (a call let through before the last
@@ -32,7 +33,7 @@ end
 ACQUIRE = (
     _NOW
     + """
-local key, permitted = KEYS[1], tonumber(ARGV[2])
+local key, permitted, wait_ms = KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local state = redis.call('HGET', key, 'state') or 'closed'
 local gen = tonumber(redis.call('HGET', key, 'gen') or '0')
 if state == 'open' then
@@ -44,7 +45,13 @@ if state == 'open' then
              'trial_slows', 0, 'changed_at', now)
 end
 if state == 'half_open' then
-  if tonumber(redis.call('HGET', key, 'trials') or '0') >= permitted then return {0, state, gen, 0} end
+  if tonumber(redis.call('HGET', key, 'trials') or '0') >= permitted then
+    if now < tonumber(redis.call('HGET', key, 'changed_at')) + wait_ms then return {0, state, gen, 0} end
+    -- Trials that never reported within a wait (their worker died mid-call): let new trials go.
+    gen = gen + 1
+    redis.call('HSET', key, 'gen', gen, 'trials', 0, 'trial_done', 0, 'trial_fails', 0, 'trial_slows', 0,
+               'changed_at', now)
+  end
   redis.call('HINCRBY', key, 'trials', 1)
 end
 return {1, state, gen, 0}
@@ -155,7 +162,8 @@ class CircuitBreaker:
     def acquire(self, now: float | None = None) -> Permit:
         """Ask to make one call (one round trip)."""
         allowed, state, generation, reopen = self._acquire(
-            keys=[self.key], args=[_ms(now), self.settings.permitted_calls_in_half_open]
+            keys=[self.key],
+            args=[_ms(now), self.settings.permitted_calls_in_half_open, int(self.settings.wait_in_open * 1000)],
         )
         return Permit(bool(allowed), _state(state), int(generation), int(reopen) / 1000 if reopen else None)
 

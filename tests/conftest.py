@@ -30,7 +30,7 @@ os.environ.setdefault("MCPO_HOME", tempfile.mkdtemp(prefix="mcpo-test-home-"))
 
 from orchestrator import Orchestrator, load_config  # noqa: E402
 from orchestrator.embedded import EmbeddedRedis  # noqa: E402
-from workers.app import app, queue_for, use_broker  # noqa: E402
+from workers.app import queue_for, served_queues, use_broker  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -74,9 +74,7 @@ class WorkerProcesses:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"worker exited with {process.returncode}; see {self.log_dir}")
-            replies = app.control.inspect(timeout=0.5).active_queues() or {}
-            served = {queue["name"] for listing in replies.values() for queue in listing}
-            if queues <= served:
+            if queues <= served_queues(0.5):
                 return
         raise RuntimeError(f"worker for {queues} did not come up in {timeout} s; see {self.log_dir}")
 

@@ -32,6 +32,7 @@ class Model:
     window: list[tuple[bool, bool]] = field(default_factory=list)
     open_until: float = 0.0
     trials: int = 0
+    half_open_since: float = 0.0
     trial_outcomes: list[tuple[bool, bool]] = field(default_factory=list)
 
     def acquire(self, now: float) -> tuple[bool, str, int]:
@@ -39,9 +40,12 @@ class Model:
             if now < self.open_until:
                 return False, "open", self.gen
             self.state, self.gen, self.trials, self.trial_outcomes = "half_open", self.gen + 1, 0, []
+            self.half_open_since = now
         if self.state == "half_open":
             if self.trials >= self.s.permitted_calls_in_half_open:
-                return False, "half_open", self.gen
+                if now < self.half_open_since + self.s.wait_in_open:
+                    return False, "half_open", self.gen
+                self.gen, self.trials, self.trial_outcomes, self.half_open_since = self.gen + 1, 0, [], now
             self.trials += 1
         return True, self.state, self.gen
 
@@ -75,6 +79,7 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("acquire"), st.floats(0, 6)),  # time passes, then a call asks
         st.tuples(st.just("record"), st.booleans(), st.sampled_from([0.1, 2.0])),  # an outstanding call ends
+        st.tuples(st.just("lose")),  # an outstanding call never reports: its worker died
     ),
     max_size=60,
 )
@@ -102,6 +107,8 @@ def test_lua_breaker_matches_the_reference_model(client: Redis, ops: list[tuple]
             assert (permit.allowed, permit.state, permit.generation) == expected
             if permit.allowed:
                 outstanding.append((permit, expected[2]))
+        elif op[0] == "lose" and outstanding:
+            outstanding.pop(0)
         elif outstanding:
             permit, gen = outstanding.pop(0)
             assert breaker.record(permit, op[1], op[2], now) == model.record(gen, op[1], op[2], now)
@@ -139,9 +146,8 @@ def test_outcome_from_before_a_transition_is_ignored() -> None:
 
 
 def _hammer(url: str, key: str, start: float, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    breaker = CircuitBreaker(
-        Redis.from_url(url), key, BreakerSettings(permitted_calls_in_half_open=3, wait_in_open=0.2)
-    )
+    # A long wait: trials that have not reported give way only after it, long after this test.
+    breaker = CircuitBreaker(Redis.from_url(url), key, BreakerSettings(permitted_calls_in_half_open=3, wait_in_open=60))
     while time.time() < start:
         pass
     granted = sum(breaker.acquire().allowed for _ in range(200))
@@ -151,11 +157,11 @@ def _hammer(url: str, key: str, start: float, results: multiprocessing.Queue) ->
 def test_half_open_trials_never_exceed_the_permits_across_processes(redis_url: str) -> None:
     key = f"test-breaker-{os.getpid()}-{time.time_ns()}"
     redis = Redis.from_url(redis_url)
-    breaker = CircuitBreaker(redis, key, BreakerSettings(permitted_calls_in_half_open=3, wait_in_open=0.2,
+    breaker = CircuitBreaker(redis, key, BreakerSettings(permitted_calls_in_half_open=3, wait_in_open=0.5,
                                                          minimum_calls=1, window_size=1))  # fmt: skip
     breaker.record(breaker.acquire(), True, 0.1)  # one failure opens it
     assert breaker.snapshot().state == "open"
-    time.sleep(0.25)  # the wait is over: the next asks race for the half-open trials
+    time.sleep(0.6)  # the wait is over: the next asks race for the half-open trials
     spawn = multiprocessing.get_context("spawn")  # not fork: this process has threads holding locks
     results = spawn.Queue()
     start = time.time() + 3
@@ -168,3 +174,14 @@ def test_half_open_trials_never_exceed_the_permits_across_processes(redis_url: s
     assert sum(count for _, count in granted) == 3
     assert breaker.snapshot().state == "half_open"
     redis.delete(key, f"{key}:window")
+
+
+def test_trials_that_never_report_give_way_after_a_wait() -> None:
+    breaker = CircuitBreaker(fakeredis.FakeRedis(), "b", SETTINGS)
+    for _ in range(3):
+        breaker.record(breaker.acquire(1000.0), True, 0.1, 1000.0)
+    lost = [breaker.acquire(1010.0) for _ in range(2)]  # both trials' workers die: nothing is recorded
+    assert [p.allowed for p in lost] == [True, True] and not breaker.acquire(1015.0).allowed
+    retried = breaker.acquire(1020.0)
+    assert (retried.allowed, retried.state) == (True, "half_open") and retried.generation > lost[0].generation
+    assert breaker.record(lost[0], False, 0.1, 1020.0) == "half_open"  # a late report of a lost trial is ignored

@@ -22,6 +22,12 @@ def control_queue() -> str:
     return f"{celeryconfig.settings.namespace}.control"
 
 
+def served_queues(timeout: float = 1.0) -> set[str]:
+    """The queues some running worker consumes, as the workers answer a broadcast within timeout."""
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    return {queue["name"] for queues in replies.values() for queue in queues}
+
+
 def use_broker(url: str, broker_url: str | None = None) -> None:
     """Point this process's app at a Redis (result backend) and a broker (Redis unless given)."""
     app.conf.update(broker_url=broker_url or url, result_backend=url)

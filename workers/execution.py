@@ -170,6 +170,9 @@ def _call_once(runtime: Runtime, call: StepCall, instance: str, arguments: dict[
     except ToolError:
         failed = False  # the server answered: a tool's own error says nothing about the server's health
         raise
+    except Cancelled:
+        permit = None  # the run was cancelled: says nothing of the server (a lost trial gives way later)
+        raise
     finally:
         if permit is not None:
             breaker.record(permit, failed, time.monotonic() - began)
