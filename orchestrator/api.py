@@ -16,6 +16,7 @@ from orchestrator.compiler import compile_run
 from orchestrator.config import Config, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunTimeout, WorkflowNotFound
+from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
 from orchestrator.workflow import Graph, Workflow
@@ -86,6 +87,7 @@ class Orchestrator:
         graph = self.config.graph(definition, name)
         self._check_timeouts(graph)
         store = self.store
+        Registry(store.redis, store.namespace).check(graph, self.config.source)
         self._ensure_workers({s.service for s in graph.steps} | {s.fallback.service for s in graph.steps if s.fallback})
         run_id = uuid.uuid4().hex
         params = {**definition.params, **(params or {})}
@@ -104,6 +106,16 @@ class Orchestrator:
         """Cancel a run: no further step starts, in-flight calls are cancelled; what finished is kept."""
         self.store.cancel(run_id)
         return self.status(run_id)
+
+    def discover(self, services: list[str] | None = None, timeout: float = 60) -> dict[str, list[str]]:
+        """Ask each service's workers for its tools (names returned); `enqueue` then checks steps against them."""
+        names = services or sorted(self.config.services)
+        self.store  # noqa: B018 - connects (and starts the embedded default) first
+        self._ensure_workers(set(names))
+        asked = {
+            name: app.signature("mcpo.discover", args=(name,), queue=queue_for(name)).apply_async() for name in names
+        }
+        return {name: list(result.get(timeout=timeout)) for name, result in asked.items()}
 
     def services(self) -> list[InstanceStatus]:
         """Every service instance with its breaker's state, failure rate and when it lets calls through again."""

@@ -160,6 +160,21 @@ def status(run_id: str, config_path: str | None, as_json: bool) -> None:
 
 
 @main.command()
+@config_option
+@click.option("--service", "-s", "names", multiple=True, help="only this service (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print the tools as JSON")
+def discover(config_path: str | None, names: tuple[str, ...], as_json: bool) -> None:
+    """Ask every service (on its own workers) for its tools; enqueue then checks steps against them."""
+    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+        found = orchestrator.discover(list(names) or None)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for service, tools in found.items():
+        click.echo(f"{service}: {len(tools)} tools: {', '.join(tools)}")
+
+
+@main.command()
 @click.argument("run_id")
 def cancel(run_id: str) -> None:
     """Cancel a run: no further step starts and in-flight calls are cancelled; finished steps are kept."""

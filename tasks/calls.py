@@ -37,3 +37,9 @@ def finish(self: Task, run_id: str, after_fallback: str | None = None) -> str:
         return outcome
     _, canvas = outcome
     raise self.replace(maybe_signature(canvas, app=app))
+
+
+@app.task(name="mcpo.discover")
+def discover(service: str) -> list[str]:
+    """List a service's tools on its own queue and record them in the registry."""
+    return runtime.current().discover(service)

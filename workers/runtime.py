@@ -13,6 +13,7 @@ import celeryconfig
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
+from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
 from workers.app import app
 from workers.sessions import SessionPool
@@ -41,6 +42,14 @@ class Runtime:
             settings = self.config.services[service].breaker
             self._breakers[key] = CircuitBreaker.of(self.store.redis, self.store.namespace, service, instance, settings)
         return self._breakers[key]
+
+    def discover(self, service: str) -> list[str]:
+        """Ask the service's server for its tools (not the client's cache) and record them; their names."""
+        instance = self.config.services[service].server
+        listing = self.pool.run(self.pool.list_tools(instance))
+        tools = [{"name": t.name, "description": t.description, "input_schema": t.input_schema} for t in listing.tools]
+        Registry(self.store.redis, self.store.namespace).save(service, instance, tools)
+        return [t.name for t in listing.tools]
 
     def _listen_for_cancels(self) -> None:
         # A cancelled run's in-flight calls are cancelled in every worker, told over pub/sub.

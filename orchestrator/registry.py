@@ -1,0 +1,88 @@
+"""The registry of discovered tools: what each service instance offers, with its input schemas.
+
+Workers fill it (`mcpo.discover`, run on the service's own queue, asks each instance for its tools,
+bypassing the client's list cache); `enqueue` checks every step against it before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from redis import Redis
+
+from orchestrator.errors import ConfigError
+from orchestrator.expressions import OPEN
+from orchestrator.workflow import Graph, PlannedStep
+
+
+class Registry:
+    """Discovered tools per service instance, in Redis."""
+
+    def __init__(self, redis: Redis, namespace: str) -> None:
+        self.redis = redis
+        self.namespace = namespace
+
+    def _key(self, service: str) -> str:
+        return f"{self.namespace}:tools:{service}"
+
+    def save(self, service: str, instance: str, tools: list[dict[str, Any]]) -> None:
+        entry = {"tools": tools, "at": time.time()}
+        self.redis.hset(self._key(service), instance, json.dumps(entry))
+
+    def tools(self, service: str) -> tuple[dict[str, dict[str, Any]], float] | None:
+        """The tools every discovered instance of a service offers (name → tool), and when they were last seen."""
+        entries = [json.loads(raw) for raw in self.redis.hgetall(self._key(service)).values()]
+        if not entries:
+            return None
+        offered = [{tool["name"]: tool for tool in entry["tools"]} for entry in entries]
+        common = {name: tool for name, tool in offered[0].items() if all(name in other for other in offered[1:])}
+        return common, max(entry["at"] for entry in entries)
+
+    def check(self, graph: Graph, source: str | None) -> None:
+        """Reject a step whose tool a discovered service no longer offers, or whose literal arguments
+        do not fit the tool's input schema; services never discovered are not checked."""
+        for step in graph.steps:
+            discovered = self.tools(step.service)
+            if discovered is not None:
+                _check_step(step, *discovered, source)
+
+
+def _check_step(step: PlannedStep, tools: dict[str, dict[str, Any]], at: float, source: str | None) -> None:
+    seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    if step.tool not in tools:
+        offered = ", ".join(sorted(tools)) or "none"
+        raise ConfigError(
+            f"{step.where}, field 'tool': service '{step.service}' does not offer tool '{step.tool}' "
+            f"(discovered {seen}: {offered}); it may have disappeared from the server",
+            source=source,
+        )
+    schema = tools[step.tool].get("input_schema") or {}
+    literal = {key: value for key, value in step.parameters.items() if not _has_template(value)}
+    templated = set(step.parameters) - set(literal)
+    for error in Draft202012Validator(schema).iter_errors(literal):
+        if error.validator == "required" and all(name in templated for name in _missing(error)):
+            continue  # those arguments come from templates, known only at run time
+        path = ".".join(str(part) for part in error.absolute_path)
+        field = f"parameters.{path}" if path else "parameters"
+        raise ConfigError(
+            f"{step.where}, field '{field}': {error.message} (tool '{step.tool}' of service '{step.service}')",
+            source=source,
+        )
+
+
+def _has_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return OPEN in value
+    if isinstance(value, dict):
+        return any(_has_template(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_template(item) for item in value)
+    return False
+
+
+def _missing(error: Any) -> list[str]:
+    instance = error.instance if isinstance(error.instance, dict) else {}
+    return [name for name in error.validator_value if name not in instance]
