@@ -34,7 +34,7 @@ from mcp import Client, StdioServerParameters  # noqa: E402
 from redis import Redis  # noqa: E402
 
 from orchestrator.embedded import EmbeddedRedis  # noqa: E402
-from workers.app import app, queue_for, use_broker  # noqa: E402
+from workers.app import queue_for, served_queues, use_broker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "bench" / "services.yaml"
@@ -93,8 +93,7 @@ class Workers:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"worker {name} exited with {process.returncode}; see {log.name}")
-            replies = app.control.inspect(timeout=0.5).active_queues() or {}
-            if queue in {q["name"] for queues in replies.values() for q in queues}:
+            if queue in served_queues(0.5):
                 return
         raise RuntimeError(f"worker {name} did not serve {queue} within {timeout} s; see {log.name}")
 
@@ -171,3 +170,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in cells]  # fmt: skip
     return "\n".join(lines)
+
+
+def timed_run(orchestrator: Any, workflow: Any, timeout: float) -> tuple[Any, float, float]:
+    """Enqueue a workflow and wait: its result, when enqueue began and when it returned (epoch seconds)."""
+    started = time.time()
+    handle = orchestrator.enqueue(workflow)
+    enqueued = time.time()
+    result = handle.wait(timeout=timeout)  # the end is read from the run record, not from polling
+    if result.status != "succeeded" or result.finished_at is None:
+        raise RuntimeError(f"run {result.id} {result.status}: {result.errors[:3]}")
+    return result, started, enqueued

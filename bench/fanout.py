@@ -19,7 +19,7 @@ from celery import chord
 from mcp import Client
 
 from bench import raw_app
-from bench._common import CONFIG, RAW_QUEUE, DirectSession, Workers, broker, median, scratch, table
+from bench._common import CONFIG, RAW_QUEUE, DirectSession, Workers, broker, median, scratch, table, timed_run
 from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.results import RunResult
 
@@ -37,12 +37,7 @@ def fanout(width: int) -> Workflow:
 
 def ours(orchestrator: Orchestrator, workflow: Workflow) -> tuple[float, dict[str, float]]:
     """Seconds from enqueue to the run's end, and where the time went."""
-    started = time.time()
-    handle = orchestrator.enqueue(workflow)
-    enqueued = time.time()
-    result = handle.wait(timeout=120)  # the end is read from the run record, not from polling
-    if result.status != "succeeded" or result.finished_at is None:
-        raise RuntimeError(f"run {result.id} {result.status}: {result.errors[:3]}")
+    result, started, enqueued = timed_run(orchestrator, workflow, 120)
     return result.finished_at - started, breakdown(result, started, enqueued)
 
 

@@ -15,7 +15,7 @@ from celery import chain
 from mcp import Client
 
 from bench import raw_app
-from bench._common import CONFIG, RAW_QUEUE, DirectSession, Workers, broker, median, scratch, table
+from bench._common import CONFIG, RAW_QUEUE, DirectSession, Workers, broker, median, scratch, table, timed_run
 from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.results import RunResult
 
@@ -29,12 +29,7 @@ CHAIN = Workflow.model_validate(
 
 def ours(orchestrator: Orchestrator) -> tuple[float, dict[str, float]]:
     """Seconds from enqueue to the run's end, and where the time went (ms)."""
-    started = time.time()
-    handle = orchestrator.enqueue(CHAIN)
-    enqueued = time.time()
-    result = handle.wait(timeout=60)  # the end is read from the run record, not from polling
-    if result.status != "succeeded" or result.finished_at is None:
-        raise RuntimeError(f"run {result.id} {result.status}: {result.errors}")
+    result, started, enqueued = timed_run(orchestrator, CHAIN, 60)
     return result.finished_at - started, breakdown(result, started, enqueued)
 
 
