@@ -44,10 +44,10 @@ class Registry:
     def check(self, graph: Graph, source: str | None) -> None:
         """Reject a step whose tool a discovered service no longer offers, or whose literal arguments
         do not fit the tool's input schema; services never discovered are not checked."""
+        discovered = {service: self.tools(service) for service in {step.service for step in graph.steps}}
         for step in graph.steps:
-            discovered = self.tools(step.service)
-            if discovered is not None:
-                _check_step(step, *discovered, source)
+            if (tools := discovered[step.service]) is not None:
+                _check_step(step, *tools, source)
 
 
 def _check_step(step: PlannedStep, tools: dict[str, dict[str, Any]], at: float, source: str | None) -> None:
