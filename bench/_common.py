@@ -181,3 +181,23 @@ def timed_run(orchestrator: Any, workflow: Any, timeout: float) -> tuple[Any, fl
     if result.status != "succeeded" or result.finished_at is None:
         raise RuntimeError(f"run {result.id} {result.status}: {result.errors[:3]}")
     return result, started, enqueued
+
+
+@contextlib.contextmanager
+def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str]]:
+    """Both sides of a comparison on one broker: an orchestrator worker for `bench`, a raw Celery worker, an
+    orchestrator over them and a direct MCP session; everything stopped at the end, even on error."""
+    from bench import raw_app  # it reads the raw queue's name from the environment this module sets
+    from orchestrator import Orchestrator, load_config
+
+    with scratch(), broker() as url, contextlib.ExitStack() as stack:
+        raw_app.use(url, RAW_QUEUE)
+        stack.callback(raw_app.release)
+        workers = Workers(url)
+        stack.callback(workers.stop)
+        workers.ours("bench", concurrency)
+        workers.raw(concurrency)
+        orchestrator = stack.enter_context(Orchestrator(load_config(CONFIG), redis_url=url))
+        session = DirectSession()
+        stack.callback(session.close)
+        yield orchestrator, session, url

@@ -8,15 +8,14 @@ Run from the repository root (REDIS_URL unset: an embedded Redis is started for 
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from typing import Any
 
 from celery import chain
 from mcp import Client
 
 from bench import raw_app
-from bench._common import CONFIG, RAW_QUEUE, DirectSession, Workers, broker, median, scratch, table, timed_run
-from orchestrator import Orchestrator, Workflow, load_config
+from bench._common import median, ours_and_raw, table, timed_run
+from orchestrator import Orchestrator, Workflow
 from orchestrator.results import RunResult
 
 STEPS = 50
@@ -60,17 +59,7 @@ async def direct(client: Client) -> float:
 
 
 def main() -> None:
-    with scratch(), broker() as url, ExitStack() as stack:
-        raw_app.use(url, RAW_QUEUE)
-        stack.callback(raw_app.release)
-        workers = Workers(url)
-        stack.callback(workers.stop)
-        workers.ours("bench", CONCURRENCY)
-        workers.raw(CONCURRENCY)
-        orchestrator = stack.enter_context(Orchestrator(load_config(CONFIG), redis_url=url))
-        session = DirectSession()
-        stack.callback(session.close)
-
+    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url):
         ours(orchestrator)  # warm-up: MCP servers started, queues checked, connections open
         raw()
         session.run(direct(session.client))
