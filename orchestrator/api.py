@@ -11,17 +11,18 @@ from typing import Any
 from redis import Redis
 
 import celeryconfig
-from orchestrator.breaker import CircuitBreaker
 from orchestrator.compiler import compile_run
-from orchestrator.config import Config, load_config, load_workflow
+from orchestrator.config import Config, HttpServer, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunTimeout, WorkflowNotFound
+from orchestrator.health import Health, HealthBook
 from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
 from orchestrator.workflow import Graph, Workflow
 from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
+from workers.balancer import Balancer
 from workers.inprocess import InProcessWorker
 
 
@@ -108,27 +109,56 @@ class Orchestrator:
         return self.status(run_id)
 
     def discover(self, services: list[str] | None = None, timeout: float = 60) -> dict[str, list[str]]:
-        """Ask each service's workers for its tools (names returned); `enqueue` then checks steps against them."""
+        """Run a health beat on each service's workers now: every instance is asked for its tools (names of
+        those all its instances offer returned); `enqueue` then checks steps against them."""
         names = services or sorted(self.config.services)
         self.store  # noqa: B018 - connects (and starts the embedded default) first
         self._ensure_workers(set(names))
         asked = {
-            name: app.signature("mcpo.discover", args=(name,), queue=queue_for(name)).apply_async() for name in names
+            name: app.signature("mcpo.health", args=(name,), queue=queue_for(name)).apply_async() for name in names
         }
-        return {name: list(result.get(timeout=timeout)) for name, result in asked.items()}
+        for result in asked.values():
+            result.get(timeout=timeout)
+        registry = Registry(self.store.redis, self.store.namespace)
+        return {name: sorted((registry.tools(name) or ({}, 0.0))[0]) for name in names}
 
     def services(self) -> list[InstanceStatus]:
-        """Every service instance with its breaker's state, failure rate and when it lets calls through again."""
-        statuses = []
-        for name, service in sorted(self.config.services.items()):
-            breaker = CircuitBreaker.of(self.store.redis, self.store.namespace, name, service.server, service.breaker)
-            snap = breaker.snapshot()
-            statuses.append(InstanceStatus(
-                service=name, instance=service.server, tools=service.tools,
-                breaker=snap.state if service.breaker.enabled else "disabled", failure_rate=snap.failure_rate,
-                slow_rate=snap.slow_rate, calls=snap.calls, retry_at=snap.retry_at,
-            ))  # fmt: skip
-        return statuses
+        """Every instance of every service: health, latency, tools, calls in flight, and its breaker's state."""
+        balancer = Balancer(self.config, self.store.redis, self.store.namespace)
+        registry = Registry(self.store.redis, self.store.namespace)
+        return [
+            status
+            for name in sorted(self.config.services)
+            for status in _instances(name, balancer, registry.discovered(name))
+        ]
+
+    def health_history(self, service: str, instance: str, count: int = 100) -> list[Health]:
+        """The last health beats of one instance, newest first."""
+        return HealthBook(self.store.redis, self.store.namespace).history(service, instance, count)
+
+    def register(self, service: str, instance: str, url: str, headers: dict[str, str] | None = None) -> None:
+        """Add an instance of a service at run time, reached over Streamable HTTP; workers use it at once."""
+        self._check_instance_name(service, instance)
+        Registry(self.store.redis, self.store.namespace).register(
+            service, instance, HttpServer(url=url, headers=headers or {})
+        )
+
+    def deregister(self, service: str, instance: str) -> None:
+        """Remove an instance registered at run time; it takes no further calls."""
+        self._check_instance_name(service, instance)
+        if not Registry(self.store.redis, self.store.namespace).deregister(service, instance):
+            raise ConfigError(f"service '{service}' has no instance '{instance}' registered at run time")
+
+    def _check_instance_name(self, service: str, instance: str) -> None:
+        if service not in self.config.services:
+            known = ", ".join(sorted(self.config.services)) or "none"
+            raise ConfigError(f"unknown service '{service}' (services: {known})", source=self.config.source)
+        if instance in self.config.servers:
+            raise ConfigError(
+                f"'{instance}' is a server of the configuration; an instance registered at run time needs a name "
+                "of its own",
+                source=self.config.source,
+            )
 
     def status(self, run_id: str) -> RunResult:
         """A run's result so far, by id, from any process."""
@@ -213,6 +243,24 @@ class Orchestrator:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _instances(service: str, balancer: Balancer, tools: dict[str, int]) -> list[InstanceStatus]:
+    view = balancer.view(service)
+    in_flight = balancer.in_flight(service, list(view.servers))
+    statuses = []
+    for name in view.servers:
+        breaker = balancer.breaker(service, name)
+        snap = breaker.snapshot()
+        health = view.health.get(name)
+        statuses.append(InstanceStatus(
+            service=service, instance=name, registered=name not in balancer.config.servers,
+            health=health.status if health else "unknown", latency_ms=health.latency_ms if health else None,
+            last_seen=health.last_seen if health else None, tools=tools.get(name), in_flight=in_flight[name],
+            breaker=snap.state if breaker.settings.enabled else "disabled", failure_rate=snap.failure_rate,
+            slow_rate=snap.slow_rate, calls=snap.calls, retry_at=snap.retry_at,
+        ))  # fmt: skip
+    return statuses
 
 
 __all__ = ["Orchestrator", "Run", "WorkflowNotFound"]

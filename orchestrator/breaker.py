@@ -9,7 +9,8 @@ that have not all reported one wait after they began (a worker died mid-call) gi
 
 Each ask and each record is one Lua script: one round trip, atomic across processes. A breaker state
 has a generation: an outcome recorded under an older generation (a call let through before the last
-transition) changes nothing.
+transition) changes nothing. Health beats feed it too (`beat`): a failed beat counts as a failed call, a
+passing beat on an open breaker moves it to half-open at once.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ local fail_pct, slow_pct = tonumber(ARGV[7]), tonumber(ARGV[8])
 local wait_ms, permitted = tonumber(ARGV[9]), tonumber(ARGV[10])
 local state = redis.call('HGET', key, 'state') or 'closed'
 local current = tonumber(redis.call('HGET', key, 'gen') or '0')
+if gen < 0 then
+  -- A health beat, not a permitted call: it counts in whatever generation is current, never while open.
+  if state == 'open' then return {state, current} end
+  gen = current
+end
 if current ~= gen then return {state, current} end
 local function over(fails, slows, calls)
   return fails * 100 >= fail_pct * calls or slows * 100 >= slow_pct * calls
@@ -103,6 +109,20 @@ elseif state == 'half_open' then
   end
 end
 return {state, current}
+"""
+)
+
+
+# A passing health beat on an open breaker: the server answers again, so let trial calls find out now
+# rather than after the rest of the wait.
+PROBE = (
+    _NOW
+    + """
+local key = KEYS[1]
+if redis.call('HGET', key, 'state') ~= 'open' then return 0 end
+redis.call('HSET', key, 'state', 'half_open', 'gen', tonumber(redis.call('HGET', key, 'gen')) + 1, 'trials', 0,
+           'trial_done', 0, 'trial_fails', 0, 'trial_slows', 0, 'changed_at', now)
+return 1
 """
 )
 
@@ -158,6 +178,7 @@ class CircuitBreaker:
         self._redis = redis
         self._acquire = redis.register_script(ACQUIRE)
         self._record = redis.register_script(RECORD)
+        self._probe = redis.register_script(PROBE)
 
     def acquire(self, now: float | None = None) -> Permit:
         """Ask to make one call (one round trip)."""
@@ -178,6 +199,14 @@ class CircuitBreaker:
                   s.permitted_calls_in_half_open],
         )  # fmt: skip
         return _state(state)
+
+    def beat(self, passed: bool, now: float | None = None) -> State:
+        """Feed a health beat: a failed one counts as a failed call (a failed trial when half-open); a
+        passing one moves an open breaker to half-open. Returns the state after it."""
+        if passed:
+            self._probe(keys=[self.key], args=[_ms(now)])
+            return self.snapshot().state
+        return self.record(Permit(True, "closed", -1, None), True, 0.0, now)
 
     def snapshot(self) -> Snapshot:
         pipe = self._redis.pipeline(transaction=False)

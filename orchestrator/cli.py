@@ -188,17 +188,70 @@ def cancel(run_id: str) -> None:
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print the states as JSON")
 def services(config_path: str | None, as_json: bool) -> None:
-    """Each service instance: its breaker state, failure rate, and when an open breaker tries again."""
+    """Every instance of every service: health, latency, tools, calls in flight, breaker state."""
     with _errors(), Orchestrator(_config(config_path)) as orchestrator:
         states = orchestrator.services()
     if as_json:
         click.echo(json.dumps([state.model_dump() for state in states], indent=2))
         return
-    click.echo(f"{'SERVICE':16} {'INSTANCE':16} {'BREAKER':10} {'FAILURES':>8} {'CALLS':>5}  RETRY AT")
-    for state in states:
-        rate = f"{state.failure_rate:.0f}%" if state.failure_rate is not None else "-"
-        retry = time.strftime("%H:%M:%S", time.localtime(state.retry_at)) if state.retry_at else "-"
-        click.echo(f"{state.service:16} {state.instance:16} {state.breaker:10} {rate:>8} {state.calls:>5}  {retry}")
+    click.echo(f"{'SERVICE':14} {'INSTANCE':18} {'HEALTH':7} {'LATENCY':>8} {'LAST SEEN':9} {'TOOLS':>5} "
+               f"{'BUSY':>4} {'BREAKER':9} {'FAILURES':>8} {'CALLS':>5}  RETRY AT")  # fmt: skip
+    for s in states:
+        latency = f"{s.latency_ms:.0f}ms" if s.latency_ms is not None else "-"
+        rate = f"{s.failure_rate:.0f}%" if s.failure_rate is not None else "-"
+        instance = f"{s.instance}*" if s.registered else s.instance
+        tools = str(s.tools) if s.tools is not None else "-"
+        click.echo(f"{s.service:14} {instance:18} {s.health:7} {latency:>8} {_clock(s.last_seen):9} {tools:>5} "
+                   f"{s.in_flight:>4} {s.breaker:9} {rate:>8} {s.calls:>5}  {_clock(s.retry_at)}")  # fmt: skip
+    if any(s.registered for s in states):
+        click.echo("* registered at run time")
+
+
+def _clock(at: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) if at else "-"
+
+
+@main.command()
+@click.argument("service")
+@click.argument("instance")
+@click.option("--url", required=True, help="the instance's Streamable HTTP endpoint")
+@click.option("--header", "headers", multiple=True, help="NAME=VALUE sent with every request (repeatable)")
+@config_option
+def register(service: str, instance: str, url: str, headers: tuple[str, ...], config_path: str | None) -> None:
+    """Add INSTANCE to SERVICE at run time (Streamable HTTP); every worker of the service uses it at once."""
+    pairs = dict(header.partition("=")[::2] for header in headers)
+    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+        orchestrator.register(service, instance, url, pairs)
+    click.echo(f"registered {service}/{instance} at {url}")
+
+
+@main.command()
+@click.argument("service")
+@click.argument("instance")
+@config_option
+def deregister(service: str, instance: str, config_path: str | None) -> None:
+    """Remove INSTANCE, registered at run time, from SERVICE; it takes no further calls."""
+    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+        orchestrator.deregister(service, instance)
+    click.echo(f"deregistered {service}/{instance}")
+
+
+@main.command()
+@config_option
+@click.option("--loglevel", default="INFO", show_default=True)
+def beat(config_path: str | None, loglevel: str) -> None:
+    """Schedule the health beats: one per service, at its `health.interval`, on its own queue."""
+    from orchestrator.embedded import EmbeddedRedis
+    from workers.app import app, use_broker
+    from workers.beat import schedule
+
+    with _errors():
+        config = _config(config_path)
+        settings = celeryconfig.settings
+        use_broker(settings.redis_url or EmbeddedRedis(settings.home).start(), settings.broker_url)
+        settings.home.mkdir(parents=True, exist_ok=True)
+        app.conf.beat_schedule = schedule(config)
+        app.start(["beat", "--loglevel", loglevel, "--schedule", str(settings.home / "beat-schedule")])
 
 
 @main.command()

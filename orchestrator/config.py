@@ -50,16 +50,43 @@ class HttpServer(BaseModel):
 Server = Annotated[StdioServer | HttpServer, Field(union_mode="left_to_right")]
 
 
-class Service(BaseModel):
-    """What a worker pool serves and a queue is named after: one server, the tools callers may use."""
+class HealthSettings(BaseModel):
+    """How often celery beat checks each instance of a service, and how long a check may take."""
 
     model_config = ConfigDict(extra="forbid")
-    server: str
+    enabled: bool = True
+    interval: float = Field(default=30.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)
+    # After a call fails on an instance, other instances take its calls for this long (or until a beat passes).
+    avoid_after_failure: float = Field(default=10.0, ge=0)
+
+
+class Service(BaseModel):
+    """What a worker pool serves and a queue is named after: one server, or several instances of it
+    (`instances`: server names), and the tools callers may use."""
+
+    model_config = ConfigDict(extra="forbid")
+    server: str | None = None
+    instances: list[str] = Field(default_factory=list)
     tools: list[str] = Field(default_factory=list)
     timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     retries: int = Field(default=DEFAULT_RETRIES, ge=0)
     description: str | None = None
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_servers(self) -> Service:
+        if (self.server is None) == (not self.instances):
+            raise ValueError("give 'server' (one server) or 'instances' (a list of servers), exactly one of them")
+        if len(set(self.instances)) != len(self.instances):
+            raise ValueError("'instances' names a server twice")
+        return self
+
+    @property
+    def servers(self) -> list[str]:
+        """The configured instances: server names."""
+        return [self.server] if self.server is not None else list(self.instances)
 
 
 class Config(BaseModel):
@@ -82,14 +109,16 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _implicit_services(self) -> Config:
         # A server no service names is served as a service of the same name, with any of its tools.
-        named = {service.server for service in self.services.values()}
+        named = {server for service in self.services.values() for server in service.servers}
         for name in self.servers:
             if name not in named and name not in self.services:
                 self.services[name] = Service(server=name)
         for name, service in self.services.items():
-            if service.server not in self.servers:
-                known = ", ".join(sorted(self.servers)) or "none"
-                raise ValueError(f"services.{name}.server: unknown server '{service.server}' (servers: {known})")
+            field = "server" if service.server is not None else "instances"
+            for server in service.servers:
+                if server not in self.servers:
+                    known = ", ".join(sorted(self.servers)) or "none"
+                    raise ValueError(f"services.{name}.{field}: unknown server '{server}' (servers: {known})")
         return self
 
     def workflow(self, name: str) -> Workflow:

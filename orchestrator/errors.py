@@ -60,7 +60,11 @@ class StepTimeout(TransportError):
     """A tool call took longer than its step's timeout and was cancelled."""
 
 
-class CircuitOpen(ToolCallError):
+class Unavailable(ToolCallError):
+    """No instance of the service can take the call now (all failed their health beats, or none exists)."""
+
+
+class CircuitOpen(Unavailable):
     """The service instance's circuit breaker is open: the call was refused without MCP traffic."""
 
 

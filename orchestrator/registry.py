@@ -1,7 +1,10 @@
-"""The registry of discovered tools: what each service instance offers, with its input schemas.
+"""The registry of instances and their discovered tools: what each service instance offers, with its
+input schemas, and the instances registered at run time besides those of the configuration.
 
-Workers fill it (`mcpo.discover`, run on the service's own queue, asks each instance for its tools,
-bypassing the client's list cache); `enqueue` checks every step against it before anything runs.
+Workers fill the tools (each health beat, run on the service's own queue, asks every instance for its
+tools, bypassing the client's list cache); `enqueue` checks every step against them before anything runs.
+Only Streamable HTTP instances register at run time: a stdio instance is a command line, and accepting
+command lines from Redis would let anyone who can write to it run programs on every worker.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from redis import Redis
 
+from orchestrator.config import HttpServer
 from orchestrator.errors import ConfigError
 from orchestrator.expressions import OPEN
+from orchestrator.health import HealthBook
 from orchestrator.workflow import Graph, PlannedStep
 
 
@@ -28,9 +33,36 @@ class Registry:
     def _key(self, service: str) -> str:
         return f"{self.namespace}:tools:{service}"
 
+    def _instances_key(self, service: str) -> str:
+        return f"{self.namespace}:instances:{service}"
+
+    def register(self, service: str, instance: str, server: HttpServer) -> None:
+        """Add (or replace) an instance of a service, reached over Streamable HTTP."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self._instances_key(service), instance, server.model_dump_json())
+        pipe.publish(HealthBook(self.redis, self.namespace).channel, service)
+        pipe.execute()
+
+    def deregister(self, service: str, instance: str) -> bool:
+        """Remove a registered instance and what was recorded of it; False when it was not registered."""
+        removed = bool(self.redis.hdel(self._instances_key(service), instance))
+        if removed:
+            self.redis.hdel(self._key(service), instance)
+            HealthBook(self.redis, self.namespace).forget(service, instance)
+        return removed
+
+    def registered(self, service: str) -> dict[str, HttpServer]:
+        """The instances registered at run time, by name."""
+        raw = self.redis.hgetall(self._instances_key(service))
+        return {_text(name): HttpServer.model_validate_json(spec) for name, spec in raw.items()}
+
     def save(self, service: str, instance: str, tools: list[dict[str, Any]]) -> None:
         entry = {"tools": tools, "at": time.time()}
         self.redis.hset(self._key(service), instance, json.dumps(entry))
+
+    def discovered(self, service: str) -> dict[str, int]:
+        """How many tools each discovered instance of a service offers."""
+        return {_text(k): len(json.loads(v)["tools"]) for k, v in self.redis.hgetall(self._key(service)).items()}
 
     def tools(self, service: str) -> tuple[dict[str, dict[str, Any]], float] | None:
         """The tools every discovered instance of a service offers (name → tool), and when they were last seen."""
@@ -86,3 +118,7 @@ def _has_template(value: Any) -> bool:
 def _missing(error: Any) -> list[str]:
     instance = error.instance if isinstance(error.instance, dict) else {}
     return [name for name in error.validator_value if name not in instance]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -88,11 +88,16 @@ class RunResult(BaseModel):
 
 
 class InstanceStatus(BaseModel):
-    """One instance of a service as `services` shows it: its tools and its breaker."""
+    """One instance of a service as `services` shows it: its health, tools, load and breaker."""
 
     service: str
     instance: str
-    tools: list[str]
+    registered: bool = False  # at run time, rather than in the configuration
+    health: Literal["up", "down", "unknown"] = "unknown"
+    latency_ms: float | None = None
+    last_seen: float | None = None  # when a health beat last found it up
+    tools: int | None = None  # discovered
+    in_flight: int = 0
     breaker: Literal["closed", "open", "half_open", "disabled"]
     failure_rate: float | None = None
     slow_rate: float | None = None

@@ -39,7 +39,8 @@ def finish(self: Task, run_id: str, after_fallback: str | None = None) -> str:
     raise self.replace(maybe_signature(canvas, app=app))
 
 
-@app.task(name="mcpo.discover")
-def discover(service: str) -> list[str]:
-    """List a service's tools on its own queue and record them in the registry."""
-    return runtime.current().discover(service)
+@app.task(name="mcpo.health")
+def health(service: str) -> dict[str, dict[str, Any]]:
+    """A health beat for every instance of a service, run on the service's own queue: liveness, latency
+    and tools recorded in Redis, and each instance's breaker fed."""
+    return {name: h.model_dump(exclude_none=True) for name, h in runtime.current().check(service).items()}

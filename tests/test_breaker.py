@@ -185,3 +185,17 @@ def test_trials_that_never_report_give_way_after_a_wait() -> None:
     retried = breaker.acquire(1020.0)
     assert (retried.allowed, retried.state) == (True, "half_open") and retried.generation > lost[0].generation
     assert breaker.record(lost[0], False, 0.1, 1020.0) == "half_open"  # a late report of a lost trial is ignored
+
+
+def test_health_beats_feed_the_breaker() -> None:
+    breaker = CircuitBreaker(fakeredis.FakeRedis(), "b", SETTINGS)
+    assert breaker.beat(True, now=100) == "closed" and breaker.snapshot().calls == 0  # passing beats add nothing
+    breaker.record(breaker.acquire(now=100), False, 0.1, now=100)
+    assert breaker.beat(False, now=101) == "closed"  # one failure of two calls: under the minimum of three
+    assert breaker.beat(False, now=102) == "open"  # a failed beat counts as a failed call
+    assert breaker.beat(False, now=103) == "open" and not breaker.acquire(now=104).allowed  # nothing while open
+    assert breaker.beat(True, now=105) == "half_open"  # the server answers again: trials may go now, not at 112
+    trial = breaker.acquire(now=105)
+    assert trial.allowed and trial.state == "half_open"
+    assert breaker.beat(False, now=106) == "half_open"  # a failed trial of the two permitted
+    assert breaker.record(trial, True, 0.1, now=106) == "open"  # both failed: open again

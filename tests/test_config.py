@@ -196,3 +196,24 @@ def test_workflow_file_with_bad_step_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_workflow(path, config)
     assert str(caught.value).startswith(f"{path}: workflow 'mine', step 'nope' (steps[0]), field 'tool'")
+
+
+def test_service_with_several_instances() -> None:
+    servers = {"a": {"url": "http://127.0.0.1:1/mcp"}, "b": {"command": "python", "args": ["b.py"]}}
+    config = parse_config({"servers": servers, "services": {"svc": {"instances": ["a", "b"]}}})
+    assert config.services["svc"].servers == ["a", "b"] and set(config.services) == {"svc"}
+
+
+@pytest.mark.parametrize(
+    ("service", "message"),
+    [
+        ({"server": "a", "instances": ["a"]}, r"field 'services.svc': give 'server' \(one server\) or 'instances'"),
+        ({"tools": ["x"]}, r"field 'services.svc': give 'server' \(one server\) or 'instances'"),
+        ({"instances": ["a", "a"]}, "'instances' names a server twice"),
+        ({"instances": ["a", "gone"]}, r"services\.svc\.instances: unknown server 'gone'"),
+    ],
+)
+def test_bad_instances(tmp_path: Path, service: dict[str, Any], message: str) -> None:
+    path = write(tmp_path, {"servers": {"a": {"url": "http://127.0.0.1:1/mcp"}}, "services": {"svc": service}})
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -24,12 +24,14 @@ def test_procfile_runs_a_worker_for_every_example_service_and_flower() -> None:
     services = set().union(*(served(command) for command in entries.values()))
     assert services == set(load_config(SERVICES).services)
     assert any("flower" in command for command in entries.values())
+    assert [command.split()[:2] for command in entries.values() if "beat" in command] == [["mcp-orchestrator", "beat"]]
 
 
 def test_compose_file_runs_the_same_fleet_on_redis_and_postgres() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     containers = compose["services"]
-    assert {"redis", "postgres", "flower"} <= set(containers)
+    assert {"redis", "postgres", "flower", "beat"} <= set(containers)
+    assert containers["beat"]["command"].split()[:2] == ["mcp-orchestrator", "beat"]
     workers = {name: spec for name, spec in containers.items() if name.startswith("worker-")}
     services = set().union(*(served(spec["command"]) for spec in workers.values()))
     assert services == set(load_config(SERVICES).services)

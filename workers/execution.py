@@ -17,7 +17,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
-from orchestrator.errors import Cancelled, CircuitOpen, OrchestratorError, ToolError, TransportError
+from orchestrator.errors import Cancelled, OrchestratorError, ToolError, TransportError, Unavailable
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
 from workers.runtime import Runtime
@@ -126,17 +126,17 @@ def _attempt(runtime: Runtime, call: StepCall, context: dict[str, Any], result: 
         call = replace(call, started_at=now, deadline=now + call.timeout)
     if call.deadline == 0.0:  # a fallback call starts a budget of its own
         call = replace(call, deadline=time.time() + call.timeout)
-    instance = runtime.config.services[call.service].server
-    result.instance, result.started_at = instance, call.started_at
+    result.started_at = call.started_at
     if call.attempt == 0:
         runtime.store.save_step(call.run_id, call.step_id, result.model_copy(update={"status": "running"}))
     arguments: dict[str, Any] = {}
     while True:
+        result.instance = None
         try:
             arguments = render(call.arguments, context)
-            result.output = _call_once(runtime, call, instance, arguments)
+            result.output = _call_once(runtime, call, arguments, result)
         except OrchestratorError as exc:
-            call = _failed_attempt(call, instance, exc)
+            call = _failed_attempt(call, result.instance or "", exc)
             next_step = _after_failure(call, exc)
             if next_step == "again":
                 continue
@@ -151,31 +151,29 @@ def _attempt(runtime: Runtime, call: StepCall, context: dict[str, Any], result: 
         return _finished(result, call, True)
 
 
-def _call_once(runtime: Runtime, call: StepCall, instance: str, arguments: dict[str, Any]) -> Any:
-    breaker = runtime.breaker(call.service, instance)
-    enabled = breaker.settings.enabled
-    permit = breaker.acquire() if enabled else None
-    if permit is not None and not permit.allowed:
-        until = time.strftime("%H:%M:%S", time.localtime(permit.retry_at)) if permit.retry_at else "trials end"
-        raise CircuitOpen(
-            f"circuit breaker for {call.service}/{instance} is {permit.state}; refusing calls until {until}"
-        )
+def _call_once(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult) -> Any:
+    """One attempt on one instance: after a failure, the next attempt goes to another instance if any."""
+    failed_on = {e["instance"] for e in call.attempt_errors if e["service"] == call.service}
+    lease = runtime.balancer.lease(call.service, call.deadline, elsewhere=failed_on)
+    result.instance = lease.instance
     budget = max(0.001, call.deadline - time.time())
-    began = time.monotonic()
-    failed = True
+    verdict: bool | None = True
     try:
-        output = runtime.pool.run(runtime.pool.call_tool(instance, call.tool, arguments, budget), key=call.run_id)
-        failed = False
+        call_tool = runtime.pool.call_tool(lease.instance, call.tool, arguments, budget)
+        output = runtime.pool.run(call_tool, key=call.run_id)
+        verdict = False
         return output
     except ToolError:
-        failed = False  # the server answered: a tool's own error says nothing about the server's health
+        verdict = False  # the server answered: a tool's own error says nothing about the server's health
         raise
     except Cancelled:
-        permit = None  # the run was cancelled: says nothing of the server (a lost trial gives way later)
+        verdict = None  # the run was cancelled: says nothing of the server (a lost trial gives way later)
+        raise
+    except TransportError:
+        runtime.balancer.avoid(call.service, lease.instance)
         raise
     finally:
-        if permit is not None:
-            breaker.record(permit, failed, time.monotonic() - began)
+        runtime.balancer.release(lease, verdict)
 
 
 def _failed_attempt(call: StepCall, instance: str, exc: OrchestratorError) -> StepCall:
@@ -207,7 +205,7 @@ def _give_up(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result
         result.status = "cancelled"
     elif call.fallback and not call.fallback_for:
         return Reroute(_fallback_call(call))
-    elif call.use_stale and isinstance(exc, TransportError | CircuitOpen):
+    elif call.use_stale and isinstance(exc, TransportError | Unavailable):
         original = call.fallback_for or {"service": call.service, "tool": call.tool, "arguments": arguments}
         stale = _recall(runtime, original, call.use_stale)
         if stale is not None:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery.signals import worker_shutdown
 from redis import Redis
 
 import celeryconfig
-from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
+from orchestrator.health import Health
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
 from workers.app import app
-from workers.sessions import SessionPool
+from workers.balancer import Balancer
+from workers.sessions import SessionPool, describe
 
 
 @dataclass
@@ -24,37 +27,57 @@ class Runtime:
     config: Config
     store: RunStore
     pool: SessionPool
-    _breakers: dict[tuple[str, str], CircuitBreaker] = field(default_factory=dict)
+    balancer: Balancer
     _listener: Any = None
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
         settings = celeryconfig.settings
         store = RunStore(Redis.from_url(redis_url), settings.namespace, settings.run_ttl)
-        runtime = cls(config=config, store=store, pool=SessionPool(config, settings.home / "logs"))
-        runtime._listen_for_cancels()
+        balancer = Balancer(config, store.redis, store.namespace)
+        runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs"), balancer)
+        runtime._listen()
         return runtime
 
-    def breaker(self, service: str, instance: str) -> CircuitBreaker:
-        """The shared breaker of one service instance."""
-        key = (service, instance)
-        if key not in self._breakers:
-            settings = self.config.services[service].breaker
-            self._breakers[key] = CircuitBreaker.of(self.store.redis, self.store.namespace, service, instance, settings)
-        return self._breakers[key]
+    def check(self, service: str) -> dict[str, Health]:
+        """A health beat: ask every instance of the service for its tools (not the client's cache), all at
+        once; record health, latency and tools, and feed each instance's breaker."""
+        self.balancer.invalidate(service)
+        view = self.balancer.view(service)
+        instances = list(view.servers)
+        timeout = self.config.services[service].health.timeout
+        checks = self.pool.run(_gather(*(self._check_one(name, timeout) for name in instances)))
+        registry = Registry(self.store.redis, self.store.namespace)
+        for name, (health, tools) in zip(instances, checks, strict=True):
+            if health.status == "down" and name in view.health:
+                health.last_seen = view.health[name].last_seen
+            self.balancer.health.record(service, name, health)
+            if tools is not None:
+                registry.save(service, name, tools)
+            breaker = self.balancer.breaker(service, name)
+            if breaker.settings.enabled:
+                breaker.beat(health.status == "up")
+        return {name: health for name, (health, _) in zip(instances, checks, strict=True)}
 
-    def discover(self, service: str) -> list[str]:
-        """Ask the service's server for its tools (not the client's cache) and record them; their names."""
-        instance = self.config.services[service].server
-        listing = self.pool.run(self.pool.list_tools(instance))
+    async def _check_one(self, instance: str, timeout: float) -> tuple[Health, list[dict[str, Any]] | None]:
+        began = time.monotonic()
+        try:
+            listing = await self.pool.list_tools(instance, timeout)
+        except Exception as exc:  # boundary: any failure to answer is the beat's verdict, not an error
+            return Health(status="down", at=time.time(), error=describe(exc)), None
+        latency = round((time.monotonic() - began) * 1000, 3)
         tools = [{"name": t.name, "description": t.description, "input_schema": t.input_schema} for t in listing.tools]
-        Registry(self.store.redis, self.store.namespace).save(service, instance, tools)
-        return [t.name for t in listing.tools]
+        now = time.time()
+        return Health(status="up", at=now, latency_ms=latency, last_seen=now, tools=len(tools)), tools
 
-    def _listen_for_cancels(self) -> None:
-        # A cancelled run's in-flight calls are cancelled in every worker, told over pub/sub.
+    def _listen(self) -> None:
+        # Told over pub/sub: a cancelled run's in-flight calls are cancelled in every worker; a change to
+        # a service's instances or health reaches every worker's balancer at once.
         pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        pubsub.subscribe(**{self.store.cancel_channel: lambda message: self.pool.cancel(message["data"].decode())})
+        pubsub.subscribe(**{
+            self.store.cancel_channel: lambda message: self.pool.cancel(message["data"].decode()),
+            self.balancer.health.channel: lambda message: self.balancer.invalidate(message["data"].decode()),
+        })  # fmt: skip
         self._listener = pubsub.run_in_thread(sleep_time=0.2, daemon=True)
 
     def close(self) -> None:
@@ -62,6 +85,10 @@ class Runtime:
             self._listener.stop()
         self.pool.close()
         self.store.redis.close()
+
+
+async def _gather(*checks: Any) -> list[Any]:
+    return list(await asyncio.gather(*checks))
 
 
 _current: Runtime | None = None

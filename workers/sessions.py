@@ -13,7 +13,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -47,7 +47,7 @@ class Connection:
 
     def __init__(self, name: str, spec: StdioServer | HttpServer, errlog: TextIO) -> None:
         self.name = name
-        self._spec = spec
+        self.spec = spec
         self._errlog = errlog
         self._client: Client | None = None
         self._owner: asyncio.Task[None] | None = None
@@ -90,11 +90,11 @@ class Connection:
             self._client = None
 
     def _transport(self) -> Any:
-        if isinstance(self._spec, HttpServer):
-            http = httpx2.AsyncClient(headers=self._spec.headers, timeout=httpx2.Timeout(30.0, read=300.0))
-            return streamable_http_client(self._spec.url, http_client=http)
+        if isinstance(self.spec, HttpServer):
+            http = httpx2.AsyncClient(headers=self.spec.headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            return streamable_http_client(self.spec.url, http_client=http)
         params = StdioServerParameters(
-            command=self._spec.command, args=self._spec.args, env=self._spec.env or None, cwd=self._spec.cwd
+            command=self.spec.command, args=self.spec.args, env=self.spec.env or None, cwd=self.spec.cwd
         )
         return stdio_client(params, errlog=self._errlog)
 
@@ -114,8 +114,10 @@ class Connection:
 class SessionPool:
     """Every MCP session of this process, and the event loop that owns them."""
 
-    def __init__(self, config: Config, log_dir: Path) -> None:
-        self._config = config
+    def __init__(self, servers: Config | Callable[[str], StdioServer | HttpServer], log_dir: Path) -> None:
+        # How to reach a server by name: a configuration's servers, or a lookup that also knows the
+        # instances registered at run time.
+        self._server = servers.server_params if isinstance(servers, Config) else servers
         self._log_dir = log_dir
         self._connections: dict[str, Connection] = {}
         self._logs: dict[str, TextIO] = {}
@@ -170,11 +172,16 @@ class SessionPool:
             return self._loop
 
     def _connection(self, server: str) -> Connection:
-        if server not in self._connections:
+        spec = self._server(server)
+        current = self._connections.get(server)
+        if current is not None and current.spec != spec:  # re-registered elsewhere: the old session goes
+            asyncio.get_running_loop().create_task(current.close())
+            current = None
+        if current is None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
             errlog = self._logs.setdefault(server, open(self._log_dir / f"{server}.stderr.log", "a"))  # noqa: SIM115
-            self._connections[server] = Connection(server, self._config.server_params(server), errlog)
-        return self._connections[server]
+            current = self._connections[server] = Connection(server, spec, errlog)
+        return current
 
     async def call_tool(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
         """Call one tool; the output is its structured content when it has one, else its text."""
