@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.transport import transport_for
+
 
 class Settings(BaseSettings):
     """Environment settings shared by the API, the CLI and workers."""
@@ -30,6 +32,7 @@ class Settings(BaseSettings):
 settings = Settings()
 
 broker_url = settings.broker_url or settings.redis_url
+broker_transport = transport_for(broker_url or "")
 result_backend = settings.redis_url
 task_serializer = "json"
 result_serializer = "json"

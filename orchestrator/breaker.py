@@ -20,6 +20,7 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
+from redis.client import Pipeline
 
 State = Literal["closed", "open", "half_open"]
 
@@ -188,17 +189,21 @@ class CircuitBreaker:
         )
         return Permit(bool(allowed), _state(state), int(generation), int(reopen) / 1000 if reopen else None)
 
-    def record(self, permit: Permit, failed: bool, duration: float, now: float | None = None) -> State:
-        """Record a permitted call's outcome (one round trip); returns the state after it."""
+    def record(
+        self, permit: Permit, failed: bool, duration: float, now: float | None = None, pipe: Pipeline | None = None
+    ) -> State | None:
+        """Record a permitted call's outcome (one round trip); returns the state after it, or None when
+        queued on `pipe` for the caller to execute."""
         s = self.settings
         slow = duration >= s.slow_call_duration
-        state, _ = self._record(
+        reply = self._record(
             keys=[self.key, self.window_key],
             args=[_ms(now), permit.generation, int(failed), int(slow), s.window_size, s.minimum_calls,
                   s.failure_rate_threshold, s.slow_call_rate_threshold, int(s.wait_in_open * 1000),
                   s.permitted_calls_in_half_open],
+            client=pipe,
         )  # fmt: skip
-        return _state(state)
+        return None if pipe is not None else _state(reply[0])
 
     def beat(self, passed: bool, now: float | None = None) -> State:
         """Feed a health beat: a failed one counts as a failed call (a failed trial when half-open); a
@@ -206,7 +211,9 @@ class CircuitBreaker:
         if passed:
             self._probe(keys=[self.key], args=[_ms(now)])
             return self.snapshot().state
-        return self.record(Permit(True, "closed", -1, None), True, 0.0, now)
+        state = self.record(Permit(True, "closed", -1, None), True, 0.0, now)
+        assert state is not None
+        return state
 
     def snapshot(self) -> Snapshot:
         pipe = self._redis.pipeline(transaction=False)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
 from orchestrator.errors import RunNotFound
 from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
@@ -84,28 +85,38 @@ class RunStore:
         pipe.expire(self._steps_key(run_id), self.ttl)
         pipe.execute()
 
-    def inputs(self, run_id: str, step_ids: Iterable[str]) -> tuple[str, dict[str, Any], dict[str, StepResult]]:
-        """The run's status, its params and the records of the given steps, in one round trip."""
+    def inputs(
+        self, run_id: str, step_ids: Iterable[str], mark: tuple[str, StepResult] | None = None
+    ) -> tuple[str, dict[str, Any], dict[str, StepResult]]:
+        """The run's status, its params and the records of the given steps, in one round trip; `mark`
+        (a step id and its record) is saved in the same trip."""
         ids = list(step_ids)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(self._run_key(run_id), ["status", "params"])
         if ids:
             pipe.hmget(self._steps_key(run_id), ids)
+        if mark is not None:
+            self.save_step(run_id, mark[0], mark[1], pipe)
         replies = pipe.execute()
         status, params = replies[0]
         if status is None:
+            if mark is not None:
+                self.redis.hdel(self._steps_key(run_id), mark[0])  # no record outlives its run
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
         records = replies[1] if ids else []
         steps = {sid: StepResult.model_validate_json(raw) for sid, raw in zip(ids, records, strict=True) if raw}
         return _text(status), json.loads(params), steps
 
-    def save_step(self, run_id: str, step_id: str, result: StepResult) -> None:
-        """Record a step; the first step to start marks the run started (a pending run with a start is running)."""
-        pipe = self.redis.pipeline(transaction=False)
+    def save_step(self, run_id: str, step_id: str, result: StepResult, pipe: Pipeline | None = None) -> None:
+        """Record a step; the first step to start marks the run started (a pending run with a start is running).
+        With `pipe`, the writes are queued on it for the caller to execute."""
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
         pipe.hset(self._steps_key(run_id), step_id, result.model_dump_json())
         if result.status == "running":
             pipe.hsetnx(self._run_key(run_id), "started_at", repr(time.time()))
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def finish(self, run_id: str, status: str, output: Any, errors: list[StepError],
                summary: dict[str, dict[str, int]]) -> str:  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 import celeryconfig
+from workers.transport import transport_for
 
 app = Celery("mcp_orchestrator", include=["tasks.calls"])
 app.config_from_object(celeryconfig)
@@ -30,7 +31,8 @@ def served_queues(timeout: float = 1.0) -> set[str]:
 
 def use_broker(url: str, broker_url: str | None = None) -> None:
     """Point this process's app at a Redis (result backend) and a broker (Redis unless given)."""
-    app.conf.update(broker_url=broker_url or url, result_backend=url)
+    broker = broker_url or url
+    app.conf.update(broker_url=broker, broker_transport=transport_for(broker), result_backend=url)
 
 
 def release_result_subscriptions() -> None:

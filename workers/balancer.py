@@ -19,6 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from redis import Redis
+from redis.client import Pipeline
 
 from orchestrator.breaker import CircuitBreaker, Permit
 from orchestrator.config import Config, HttpServer, StdioServer
@@ -132,12 +133,17 @@ class Balancer:
             return Lease(service, name, breaker, permit, token)
         raise CircuitOpen("; ".join(refusals))
 
-    def release(self, lease: Lease, failed: bool | None) -> None:
-        """End a call: record its outcome in the breaker (None: no verdict on the server) and its count."""
+    def release(self, lease: Lease, failed: bool | None, pipe: Pipeline | None = None) -> None:
+        """End a call: record its outcome in the breaker (None: no verdict on the server) and drop its count,
+        in one round trip (on `pipe`, executed by the caller, when given)."""
+        own = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
         if lease.permit is not None and failed is not None:
-            lease.breaker.record(lease.permit, failed, time.monotonic() - lease.began)
+            lease.breaker.record(lease.permit, failed, time.monotonic() - lease.began, pipe=pipe)
         if lease.token is not None:
-            self.redis.zrem(self._in_flight_key(lease.service, lease.instance), lease.token)
+            pipe.zrem(self._in_flight_key(lease.service, lease.instance), lease.token)
+        if own:
+            pipe.execute()
 
     def avoid(self, service: str, instance: str) -> None:
         """A call just failed on this instance: let the others take calls for a while."""

@@ -20,6 +20,7 @@ from tenacity import RetryCallState, Retrying, wait_random_exponential
 from orchestrator.errors import Cancelled, OrchestratorError, ToolError, TransportError, Unavailable
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
+from workers.balancer import Lease
 from workers.runtime import Runtime
 
 BACKOFF = wait_random_exponential(multiplier=0.5, max=30)  # full jitter: uniform in [0, min(30, 0.5 * 2^n)]
@@ -81,9 +82,13 @@ Outcome = StepResult | Retry | Reroute
 def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
     """Run a step's call unless it must not run; record what happened, or say how to go on."""
     store = runtime.store
-    status, params, records = store.inputs(call.run_id, {*call.depends_on, *call.reads})
+    call = _budgeted(call)
     original = call.fallback_for or {"service": call.service, "tool": call.tool}
-    result = StepResult(service=original["service"], tool=original["tool"], worker=worker)
+    result = StepResult(service=original["service"], tool=original["tool"], worker=worker, started_at=call.started_at)
+    # The step is marked running in the same round trip that reads its inputs; a step the gate then stops
+    # overwrites the mark with why.
+    mark = (call.step_id, result.model_copy(update={"status": "running"})) if call.attempt == 0 else None
+    status, params, records = store.inputs(call.run_id, {*call.depends_on, *call.reads}, mark)
     context = {
         "params": params,
         "steps": {sid: r.model_dump(include={"output", "status"}) for sid, r in records.items()},
@@ -93,14 +98,30 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
         result.status, result.skip_reason, result.error = verdict
         store.save_step(call.run_id, call.step_id, result)
         return result
+    lease = None
     try:
-        outcome = _attempt(runtime, call, context, result)
+        outcome, lease = _attempt(runtime, call, context, result)
     except Exception as exc:  # boundary: a step records any failure instead of breaking the canvas
         result.status, result.error, result.error_type = "failed", f"{type(exc).__name__}: {exc}", type(exc).__name__
         outcome = _finished(result, call, False)
     if isinstance(outcome, StepResult):
-        store.save_step(call.run_id, call.step_id, outcome)
+        # A successful call's breaker record and in-flight release share the result's round trip.
+        pipe = store.redis.pipeline(transaction=False)
+        if lease is not None:
+            runtime.balancer.release(lease, False, pipe)
+        store.save_step(call.run_id, call.step_id, outcome, pipe)
+        pipe.execute()
     return outcome
+
+
+def _budgeted(call: StepCall) -> StepCall:
+    """The call with its start and the end of its time budget set (a fallback call gets a budget of its own)."""
+    if call.started_at == 0.0:
+        now = time.time()
+        return replace(call, started_at=now, deadline=now + call.timeout)
+    if call.deadline == 0.0:
+        return replace(call, deadline=time.time() + call.timeout)
+    return call
 
 
 def _gate(call: StepCall, status: str, records: dict[str, StepResult], context: dict[str, Any]) -> Any:
@@ -119,61 +140,55 @@ def _gate(call: StepCall, status: str, records: dict[str, StepResult], context: 
     return None
 
 
-def _attempt(runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult) -> Outcome:
-    """Make attempts until one succeeds, a backoff is due, or the failure is final."""
-    if call.started_at == 0.0:
-        now = time.time()
-        call = replace(call, started_at=now, deadline=now + call.timeout)
-    if call.deadline == 0.0:  # a fallback call starts a budget of its own
-        call = replace(call, deadline=time.time() + call.timeout)
-    result.started_at = call.started_at
-    if call.attempt == 0:
-        runtime.store.save_step(call.run_id, call.step_id, result.model_copy(update={"status": "running"}))
+def _attempt(
+    runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult
+) -> tuple[Outcome, Lease | None]:
+    """Make attempts until one succeeds (its lease still held), a backoff is due, or the failure is final."""
     arguments: dict[str, Any] = {}
     while True:
         result.instance = None
         try:
             arguments = render(call.arguments, context)
-            result.output = _call_once(runtime, call, arguments, result)
+            result.output, lease = _call_once(runtime, call, arguments, result)
         except OrchestratorError as exc:
             call = _failed_attempt(call, result.instance or "", exc)
             next_step = _after_failure(call, exc)
             if next_step == "again":
                 continue
             if isinstance(next_step, float):
-                return Retry(call, next_step)
-            return _give_up(runtime, call, arguments, result, exc)
+                return Retry(call, next_step), None
+            return _give_up(runtime, call, arguments, result, exc), None
         result.status = "succeeded"
         if call.fallback_for:
             result.served_by = f"{call.service}.{call.tool}"
         elif call.use_stale:
             _remember(runtime, call, arguments, result.output)
-        return _finished(result, call, True)
+        return _finished(result, call, True), lease
 
 
-def _call_once(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult) -> Any:
-    """One attempt on one instance: after a failure, the next attempt goes to another instance if any."""
+def _call_once(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult) -> tuple[Any, Lease]:
+    """One attempt on one instance: after a failure, the next attempt goes to another instance if any.
+    A failed attempt releases its lease here; a successful one hands it back, released with the result."""
     failed_on = {e["instance"] for e in call.attempt_errors if e["service"] == call.service}
     lease = runtime.balancer.lease(call.service, call.deadline, elsewhere=failed_on)
     result.instance = lease.instance
     budget = max(0.001, call.deadline - time.time())
-    verdict: bool | None = True
     try:
         call_tool = runtime.pool.call_tool(lease.instance, call.tool, arguments, budget)
-        output = runtime.pool.run(call_tool, key=call.run_id)
-        verdict = False
-        return output
+        return runtime.pool.run(call_tool, key=call.run_id), lease
     except ToolError:
-        verdict = False  # the server answered: a tool's own error says nothing about the server's health
+        runtime.balancer.release(lease, False)  # the server answered: a tool's own error says nothing of its health
         raise
     except Cancelled:
-        verdict = None  # the run was cancelled: says nothing of the server (a lost trial gives way later)
+        runtime.balancer.release(lease, None)  # the run was cancelled: says nothing of the server
         raise
     except TransportError:
+        runtime.balancer.release(lease, True)
         runtime.balancer.avoid(call.service, lease.instance)
         raise
-    finally:
-        runtime.balancer.release(lease, verdict)
+    except BaseException:
+        runtime.balancer.release(lease, True)
+        raise
 
 
 def _failed_attempt(call: StepCall, instance: str, exc: OrchestratorError) -> StepCall:
