@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,24 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 3
 
 
+class SecretRef(BaseModel):
+    """A value kept in the credential vault, named in the configuration as `{secret: NAME}`; the worker reads
+    it when it connects, so the configuration never holds it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    secret: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+Value = str | SecretRef
+
+
+class HttpAuth(BaseModel):
+    """`auth: {bearer: {secret: NAME}}`: an `Authorization: Bearer <secret>` header on every request."""
+
+    model_config = ConfigDict(extra="forbid")
+    bearer: SecretRef
+
+
 class StdioServer(BaseModel):
     """An MCP server started as a child process speaking over stdin/stdout."""
 
@@ -25,8 +44,13 @@ class StdioServer(BaseModel):
     type: Literal["stdio"] = "stdio"
     command: str
     args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, Value] = Field(default_factory=dict)
     cwd: str | None = None
+
+    @property
+    def secrets(self) -> list[str]:
+        """Names of the vault secrets its environment carries."""
+        return sorted({value.secret for value in self.env.values() if isinstance(value, SecretRef)})
 
 
 class HttpServer(BaseModel):
@@ -35,7 +59,20 @@ class HttpServer(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["http"] = "http"
     url: str
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Mapping[str, Value] = Field(default_factory=dict)  # Mapping: a dict[str, str] is one too
+    auth: HttpAuth | None = None
+
+    @property
+    def secret_headers(self) -> dict[str, tuple[str, str]]:
+        """Headers whose value comes from the vault: name -> (secret, prefix before the value)."""
+        headers = {name: (value.secret, "") for name, value in self.headers.items() if isinstance(value, SecretRef)}
+        if self.auth is not None:
+            headers["Authorization"] = (self.auth.bearer.secret, "Bearer ")
+        return headers
+
+    @property
+    def plain_headers(self) -> dict[str, str]:
+        return {name: value for name, value in self.headers.items() if isinstance(value, str)}
 
     @model_validator(mode="before")
     @classmethod
@@ -200,7 +237,7 @@ def validation_message(error: ValidationError) -> str:
         for part in item["loc"]:
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif part not in ("StdioServer", "HttpServer", "function-after[_implicit_services()]"):
+            elif part not in ("StdioServer", "HttpServer", "function-after[_implicit_services()]", "str", "SecretRef"):
                 path += f".{part}" if path else str(part)
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"field '{path}': {message}" if path else message)

@@ -70,3 +70,23 @@ class CircuitOpen(Unavailable):
 
 class Cancelled(ToolCallError):
     """The run was cancelled while the call was in flight; the call was cancelled on the server too."""
+
+
+class CredentialRejected(ToolCallError):
+    """An HTTP server answered 401/403 to a vault credential even after one refresh; names the secret only."""
+
+
+class VaultError(OrchestratorError):
+    """The credential vault cannot do what was asked; the message names the secret, never its value."""
+
+
+class SecretNotFound(VaultError):
+    """No secret of that name (or of that version) is in the vault."""
+
+
+class KeyRingMissing(VaultError):
+    """Neither MCPO_VAULT_KEYS nor the key file gives this process a key ring."""
+
+
+class SecretUndecryptable(VaultError):
+    """A secret's ciphertext does not decrypt under the key ring (a retired or foreign key)."""

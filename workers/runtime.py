@@ -17,8 +17,10 @@ from orchestrator.errors import ConfigError
 from orchestrator.health import Health
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
+from orchestrator.vault import Vault
 from workers.app import app
 from workers.balancer import Balancer
+from workers.credentials import Credentials
 from workers.sessions import SessionPool, describe
 
 
@@ -35,7 +37,8 @@ class Runtime:
         settings = celeryconfig.settings
         store = RunStore(Redis.from_url(redis_url), settings.namespace, settings.run_ttl)
         balancer = Balancer(config, store.redis, store.namespace)
-        runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs"), balancer)
+        credentials = Credentials(Vault(store.redis, settings.namespace))
+        runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
         runtime._listen()
         return runtime
 

@@ -13,7 +13,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -24,9 +24,19 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, ListToolsResult, TextContent
+from redis.exceptions import RedisError
 
 from orchestrator.config import Config, HttpServer, StdioServer
-from orchestrator.errors import Cancelled, StepTimeout, ToolCallError, ToolError, TransportError
+from orchestrator.errors import (
+    Cancelled,
+    CredentialRejected,
+    StepTimeout,
+    ToolCallError,
+    ToolError,
+    TransportError,
+    VaultError,
+)
+from workers.credentials import Credentials, SecretAuth
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,17 +53,29 @@ def describe(exc: BaseException) -> str:
 
 
 class Connection:
-    """One open MCP session to one server, rebuilt on the next call after it breaks."""
+    """One open MCP session to one server, rebuilt on the next call after it breaks.
 
-    def __init__(self, name: str, spec: StdioServer | HttpServer, errlog: TextIO) -> None:
+    A stdio server whose environment carries vault secrets is restarted, drained, when one of them gets a
+    new version: new calls go to a new process while calls in flight finish on the old one, which is then
+    closed. An HTTP server's secrets go through `SecretAuth`, which reads them on every request.
+    """
+
+    def __init__(
+        self, name: str, spec: StdioServer | HttpServer, errlog: TextIO, credentials: Credentials | None = None
+    ) -> None:
         self.name = name
         self.spec = spec
         self._errlog = errlog
+        self._credentials = credentials or Credentials(None)
         self._client: Client | None = None
         self._owner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._generation = 0
+        self._versions: dict[str, int] = {}  # the secret versions the open stdio server was started with
+        self._in_use: dict[int, int] = {}  # calls in flight, by generation
+        self._draining: dict[int, tuple[asyncio.Event, asyncio.Task[None] | None]] = {}
+        self.auth: SecretAuth | None = None
 
     @property
     def alive(self) -> bool:
@@ -61,42 +83,91 @@ class Connection:
 
     async def client(self) -> tuple[Client, int]:
         """The open client and its generation, connecting first when there is none."""
-        if self.alive and self._client is not None:
+        if self.alive and self._client is not None and not self._outdated():
             return self._client, self._generation
         async with self._lock:
+            if self.alive and self._outdated():
+                self._retire()
             if not self.alive:
                 await self._open()
             assert self._client is not None
             return self._client, self._generation
 
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[tuple[Client, int]]:
+        """The client for one call, counted in flight so a drained restart knows when the old one is idle."""
+        client, generation = await self.client()
+        self._in_use[generation] = self._in_use.get(generation, 0) + 1
+        try:
+            yield client, generation
+        finally:
+            self._in_use[generation] -= 1
+            if not self._in_use[generation]:
+                del self._in_use[generation]
+                if generation in self._draining:
+                    self._draining.pop(generation)[0].set()
+
+    def _outdated(self) -> bool:
+        if not self._versions:
+            return False
+        try:
+            return self._credentials.versions(list(self._versions)) != self._versions
+        except (VaultError, RedisError) as exc:  # the vault is unreachable: keep the process that works
+            log.warning("MCP server '%s': cannot check its secrets' versions: %s", self.name, type(exc).__name__)
+            return False
+
+    def _retire(self) -> None:
+        # A drained restart: the current process takes no new call and stops once its calls are done.
+        log.info("MCP server '%s': a secret in its environment changed; restarting it, drained", self.name)
+        if self._in_use.get(self._generation):
+            self._draining[self._generation] = (self._stop, self._owner)
+        else:
+            self._stop.set()
+        self._client = None
+
     async def _open(self) -> None:
+        transport = self._transport()  # reads the vault first: a missing secret fails the call, not the loop
         self._generation += 1
         self._stop = asyncio.Event()
         ready: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
-        self._owner = asyncio.create_task(self._own(ready, self._stop), name=f"mcp-session-{self.name}")
+        self._owner = asyncio.create_task(
+            self._own(transport, ready, self._stop, self._generation), name=f"mcp-session-{self.name}"
+        )
         self._client = await ready
 
-    async def _own(self, ready: asyncio.Future[Client], stop: asyncio.Event) -> None:
+    async def _own(self, transport: Any, ready: asyncio.Future[Client], stop: asyncio.Event, generation: int) -> None:
         try:
-            async with Client(self._transport(), cache=None) as client:
+            async with Client(transport, cache=None) as client:
                 ready.set_result(client)
                 await stop.wait()
         except BaseException as exc:  # boundary: the owner task reports, it never raises into the loop
             if not ready.done():
-                ready.set_exception(TransportError(f"cannot connect to MCP server '{self.name}': {describe(exc)}"))
+                why = self.refusal() or describe(exc)
+                ready.set_exception(TransportError(f"cannot connect to MCP server '{self.name}': {why}"))
             elif not isinstance(exc, asyncio.CancelledError):
                 log.warning("MCP session to %s ended: %s", self.name, describe(exc))
         finally:
-            self._client = None
+            if generation == self._generation:  # a drained predecessor ending must not drop its successor
+                self._client = None
 
     def _transport(self) -> Any:
         if isinstance(self.spec, HttpServer):
-            http = httpx2.AsyncClient(headers=self.spec.headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            secret_headers = self.spec.secret_headers
+            for secret, _ in secret_headers.values():
+                self._credentials.current(secret)
+            self.auth = SecretAuth(self.name, secret_headers, self._credentials) if secret_headers else None
+            http = httpx2.AsyncClient(
+                headers=self.spec.plain_headers, auth=self.auth, timeout=httpx2.Timeout(30.0, read=300.0)
+            )
             return streamable_http_client(self.spec.url, http_client=http)
-        params = StdioServerParameters(
-            command=self.spec.command, args=self.spec.args, env=self.spec.env or None, cwd=self.spec.cwd
-        )
+        env, self._versions = self._credentials.environment(self.spec)
+        spec = self.spec
+        params = StdioServerParameters(command=spec.command, args=spec.args, env=env or None, cwd=spec.cwd)
         return stdio_client(params, errlog=self._errlog)
+
+    def refusal(self) -> str | None:
+        """Which vault credential the HTTP server refused, after a refresh, on its last refusal."""
+        return f"the server refused {self.auth.rejected}" if self.auth and self.auth.rejected else None
 
     def reset(self, generation: int) -> None:
         """Drop the session a failed call used, unless it was already replaced."""
@@ -106,19 +177,29 @@ class Connection:
 
     async def close(self) -> None:
         self._stop.set()
-        if self._owner is not None:
-            with contextlib.suppress(BaseException):
-                await self._owner
+        owners = [self._owner, *(owner for _, owner in self._draining.values())]
+        for stop, _ in self._draining.values():
+            stop.set()
+        for owner in owners:
+            if owner is not None:
+                with contextlib.suppress(BaseException):
+                    await owner
 
 
 class SessionPool:
     """Every MCP session of this process, and the event loop that owns them."""
 
-    def __init__(self, servers: Config | Callable[[str], StdioServer | HttpServer], log_dir: Path) -> None:
+    def __init__(
+        self,
+        servers: Config | Callable[[str], StdioServer | HttpServer],
+        log_dir: Path,
+        credentials: Credentials | None = None,
+    ) -> None:
         # How to reach a server by name: a configuration's servers, or a lookup that also knows the
         # instances registered at run time.
         self._server = servers.server_params if isinstance(servers, Config) else servers
         self._log_dir = log_dir
+        self._credentials = credentials
         self._connections: dict[str, Connection] = {}
         self._logs: dict[str, TextIO] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -180,7 +261,7 @@ class SessionPool:
         if current is None:
             self._log_dir.mkdir(parents=True, exist_ok=True)
             errlog = self._logs.setdefault(server, open(self._log_dir / f"{server}.stderr.log", "a"))  # noqa: SIM115
-            current = self._connections[server] = Connection(server, spec, errlog)
+            current = self._connections[server] = Connection(server, spec, errlog, self._credentials)
         return current
 
     async def call_tool(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
@@ -205,25 +286,29 @@ class SessionPool:
 
     async def _request(self, server: str, timeout: float, send: Any) -> Any:
         connection = self._connection(server)
-        client, generation = await connection.client()
-        try:
-            return await asyncio.wait_for(send(client), timeout)
-        except TimeoutError as exc:
-            raise StepTimeout(f"no answer from '{server}' within {timeout:g} s; the call was cancelled") from exc
-        except MCPError as exc:
-            if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
+        async with connection.use() as (client, generation):
+            try:
+                return await asyncio.wait_for(send(client), timeout)
+            except TimeoutError as exc:
+                raise StepTimeout(f"no answer from '{server}' within {timeout:g} s; the call was cancelled") from exc
+            except MCPError as exc:
+                if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
+                    connection.reset(generation)
+                    raise TransportError(f"MCP server '{server}': {exc.message}") from exc
+                if refusal := connection.refusal():
+                    raise CredentialRejected(f"MCP server '{server}': {refusal}") from exc
+                raise ToolCallError(
+                    f"MCP server '{server}' refused the request: {exc.message} (code {exc.code})"
+                ) from exc
+            except (
+                OSError,
+                anyio.ClosedResourceError,
+                anyio.BrokenResourceError,
+                anyio.EndOfStream,
+                httpx2.HTTPError,
+            ) as exc:
                 connection.reset(generation)
-                raise TransportError(f"MCP server '{server}': {exc.message}") from exc
-            raise ToolCallError(f"MCP server '{server}' refused the request: {exc.message} (code {exc.code})") from exc
-        except (
-            OSError,
-            anyio.ClosedResourceError,
-            anyio.BrokenResourceError,
-            anyio.EndOfStream,
-            httpx2.HTTPError,
-        ) as exc:
-            connection.reset(generation)
-            raise TransportError(f"MCP server '{server}': connection lost: {describe(exc)}") from exc
+                raise TransportError(f"MCP server '{server}': connection lost: {describe(exc)}") from exc
 
     def close(self) -> None:
         """Close every session (stopping stdio servers) and the loop."""
