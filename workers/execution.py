@@ -18,6 +18,7 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from orchestrator.errors import Cancelled, CircuitOpen, OrchestratorError, ToolError, TransportError
+from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
 from workers.runtime import Runtime
@@ -134,6 +135,7 @@ def _attempt(runtime: Runtime, call: StepCall, context: dict[str, Any], result: 
     while True:
         try:
             arguments = render(call.arguments, context)
+            result.arguments_digest = digest(arguments)
             result.output = _call_once(runtime, call, instance, arguments)
         except OrchestratorError as exc:
             call = _failed_attempt(call, instance, exc)

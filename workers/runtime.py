@@ -13,6 +13,7 @@ import celeryconfig
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
+from orchestrator.flusher import start_flusher
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
 from workers.app import app
@@ -26,6 +27,7 @@ class Runtime:
     pool: SessionPool
     _breakers: dict[tuple[str, str], CircuitBreaker] = field(default_factory=dict)
     _listener: Any = None
+    _flusher: Any = None
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
@@ -33,6 +35,7 @@ class Runtime:
         store = RunStore(Redis.from_url(redis_url), settings.namespace, settings.run_ttl)
         runtime = cls(config=config, store=store, pool=SessionPool(config, settings.home / "logs"))
         runtime._listen_for_cancels()
+        runtime._flusher = start_flusher(store)
         return runtime
 
     def breaker(self, service: str, instance: str) -> CircuitBreaker:
@@ -60,6 +63,8 @@ class Runtime:
     def close(self) -> None:
         if self._listener is not None:
             self._listener.stop()
+        if self._flusher is not None:
+            self._flusher.stop()
         self.pool.close()
         self.store.redis.close()
 
