@@ -77,7 +77,7 @@ class RecordStore:
     def session(self) -> Iterator[Session]:
         """A session in one transaction, committed at the end; database failures raise RecordsError."""
         try:
-            with Session(self.engine) as session, session.begin():
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 yield session
         except SQLAlchemyError as exc:
             raise RecordsError(_explain(exc, self.url)) from exc
@@ -243,6 +243,7 @@ def _fill_step(session: Session, record: StepRecord, result: StepResult) -> None
     record.error, record.error_type, record.served_by = result.error, result.error_type, result.served_by
     record.skip_reason, record.stale_age_s = result.skip_reason, result.stale_age_s
     record.attempt_errors = [e.model_dump() for e in result.attempt_errors]
+    record.arguments_digest = result.arguments_digest
     body = canonical(result.output)
     record.output_size = len(body.encode())
     if record.output_size <= OUTPUT_CAP:
@@ -250,7 +251,7 @@ def _fill_step(session: Session, record: StepRecord, result: StepResult) -> None
         return
     whole = OutputRecord(run_id=record.run_id, step_id=record.step_id, body=body)
     session.add(whole)
-    session.flush([whole])
+    session.flush()
     record.output, record.output_id = None, whole.id
 
 
@@ -278,7 +279,7 @@ def _on_finish(batch: _Batch, event: dict[str, Any]) -> None:
         return
     run.output, run.errors, run.error_summary = event["output"], event["errors"], event["error_summary"]
     if run.status not in TERMINAL_RUN:  # as in Redis: the first end wins (a cancel over a late finish)
-        run.status, run.finished_at = event["status"], event["at"]
+        run.status, run.finished_at = event["status"], event.get("finished_at", event["at"])
 
 
 def _on_cancel(batch: _Batch, event: dict[str, Any]) -> None:
@@ -288,7 +289,7 @@ def _on_cancel(batch: _Batch, event: dict[str, Any]) -> None:
     elif run.status in TERMINAL_RUN:
         outcome = f"already {run.status}"
     else:
-        run.status, run.finished_at, outcome = "cancelled", event["at"], "cancelled"
+        run.status, run.finished_at, outcome = "cancelled", event.get("finished_at", event["at"]), "cancelled"
     batch.audit.append(_row(event, 0, action="cancel", who=event["who"], run_id=event["run_id"], outcome=outcome))
 
 
@@ -338,6 +339,7 @@ def _step_result(session: Session, step: StepRecord) -> StepResult:
         attempt_errors=step.attempt_errors or [], instance=step.instance, served_by=step.served_by,
         skip_reason=step.skip_reason, stale_age_s=step.stale_age_s,  # type: ignore[arg-type]
         duration_ms=step.duration_ms, started_at=step.started_at, finished_at=step.finished_at, worker=step.worker,
+        arguments_digest=step.arguments_digest,
     )  # fmt: skip
 
 

@@ -51,11 +51,12 @@ class RunStore:
 
     def cancel(self, run_id: str, who: str | None = None) -> str:
         """End a run as cancelled (unless it already ended) and tell every worker; returns its status."""
+        now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        self._end(keys=[self._run_key(run_id)], args=["cancelled", repr(time.time())], client=pipe)
+        self._end(keys=[self._run_key(run_id)], args=["cancelled", repr(now)], client=pipe)
         pipe.publish(self.cancel_channel, run_id)
         if self.record:
-            pipe.rpush(self.buffer, events.event("cancel", run_id=run_id, who=who or events.caller()))
+            pipe.rpush(self.buffer, events.event("cancel", run_id=run_id, who=who or events.caller(), finished_at=now))
         status = pipe.execute()[0]
         if status is None:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
@@ -135,11 +136,12 @@ class RunStore:
             "errors": json.dumps([e.model_dump() for e in errors]),
             "error_summary": json.dumps(summary),
         }
+        now = time.time()
         pipe.hset(self._run_key(run_id), mapping=fields)
-        self._end(keys=[self._run_key(run_id)], args=[status, repr(time.time())], client=pipe)
+        self._end(keys=[self._run_key(run_id)], args=[status, repr(now)], client=pipe)
         if self.record:
             # Pushed after the Lua end in one transaction: the buffer sees ends in the order Redis decided them.
-            finished = events.event("finish", run_id=run_id, status=status, output=output,
+            finished = events.event("finish", run_id=run_id, status=status, output=output, finished_at=now,
                                     errors=[e.model_dump() for e in errors], error_summary=summary)  # fmt: skip
             pipe.rpush(self.buffer, finished)
         index = -2 if self.record else -1

@@ -62,6 +62,7 @@ class StepRecord(Base):
     skip_reason: Mapped[str | None] = mapped_column(String(20))
     stale_age_s: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(400))
+    arguments_digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class OutputRecord(Base):

@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.Column("skip_reason", sa.String(20)),
         sa.Column("stale_age_s", sa.Float()),
         sa.Column("worker", sa.String(400)),
+        sa.Column("arguments_digest", sa.String(64)),
     )
     op.create_table(
         "outputs",
