@@ -2,6 +2,8 @@
 
 REDIS_URL selects a real Redis as broker and result backend; without it the orchestrator starts an
 embedded Redis and sets both URLs itself. MCPO_BROKER_URL may point the broker elsewhere (amqp://).
+DATABASE_URL selects the SQL records store (PostgreSQL in production); without it records go to a SQLite
+file under MCPO_HOME. MCPO_RECORDS=off keeps no records at all.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ class Settings(BaseSettings):
     result_expires: int = 86400
     run_ttl: int = 7 * 86400
     worker_concurrency: int = 100
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "MCPO_DATABASE_URL"))
+    records: bool = True
+
+    @property
+    def records_url(self) -> str:
+        """The records database: DATABASE_URL, else the SQLite file of the embedded default."""
+        return self.database_url or f"sqlite:///{self.home / 'records.db'}"
 
 
 settings = Settings()

@@ -14,8 +14,10 @@ import celeryconfig
 from orchestrator.compiler import compile_run
 from orchestrator.config import Config, HttpServer, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
-from orchestrator.errors import BrokerError, ConfigError, RunTimeout, WorkflowNotFound
-from orchestrator.health import Health, HealthBook
+from orchestrator.errors import BrokerError, ConfigError, RunNotFound, RunTimeout, WorkflowNotFound
+from orchestrator.flusher import Flusher, start_flusher
+from orchestrator.health import HISTORY, Health, HealthBook
+from orchestrator.records import RecordStore
 from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
@@ -63,6 +65,8 @@ class Orchestrator:
         self._store: RunStore | None = None
         self._worker: InProcessWorker | None = None
         self._served: set[str] = set()
+        self._flusher: Flusher | None = None
+        self._records: RecordStore | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **options: Any) -> Orchestrator:
@@ -80,10 +84,13 @@ class Orchestrator:
             use_broker(url, self._broker_url)
             settings = celeryconfig.settings
             self._store = RunStore(Redis.from_url(url), settings.namespace, settings.run_ttl)
+            self._flusher = start_flusher(self._store)
         return self._store
 
-    def enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None) -> Run:
-        """Start a workflow (a name in the configuration, a workflow file, or a Workflow)."""
+    def enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, *,
+                caller: str | None = None) -> Run:  # fmt: skip
+        """Start a workflow (a name in the configuration, a workflow file, or a Workflow); `caller` is who the
+        records say asked for it (default: this process's user)."""
         name, definition = self._resolve(workflow)
         graph = self.config.graph(definition, name)
         self._check_timeouts(graph)
@@ -93,7 +100,7 @@ class Orchestrator:
         run_id = uuid.uuid4().hex
         params = {**definition.params, **(params or {})}
         fallback = self._fallback_run(definition.fallback, run_id, params) if definition.fallback else None
-        store.write(run_id, store.records(graph, definition.version(), params, fallback))
+        store.write(run_id, store.records(graph, definition.version(), params, fallback, who=caller))
         compile_run(self.config, run_id, graph).apply_async()
         return Run(self, run_id)
 
@@ -132,9 +139,12 @@ class Orchestrator:
             for status in _instances(name, balancer, registry.discovered(name))
         ]
 
-    def health_history(self, service: str, instance: str, count: int = 100) -> list[Health]:
-        """The last health beats of one instance, newest first."""
-        return HealthBook(self.store.redis, self.store.namespace).history(service, instance, count)
+    def health_history(self, service: str, instance: str, count: int = 100, since: float | None = None) -> list[Health]:
+        """The health beats of one instance, newest first: the last 100 from Redis, older ones (or any since
+        a time) from the SQL records."""
+        if since is None and count <= HISTORY:
+            return HealthBook(self.store.redis, self.store.namespace).history(service, instance, count)
+        return self.records.health(service, instance, since, count)
 
     def register(self, service: str, instance: str, url: str, headers: dict[str, str] | None = None) -> None:
         """Add an instance of a service at run time, reached over Streamable HTTP; workers use it at once."""
@@ -161,8 +171,13 @@ class Orchestrator:
             )
 
     def status(self, run_id: str) -> RunResult:
-        """A run's result so far, by id, from any process."""
-        return self.store.load(run_id)
+        """A run's result so far, by id, from any process; from the SQL records once Redis forgot it."""
+        try:
+            return self.store.load(run_id)
+        except RunNotFound:
+            if not celeryconfig.settings.records:
+                raise
+            return self.records.load(run_id)
 
     def graph(self, workflow: str | Path | Workflow) -> Graph:
         """Check a workflow against the configuration without running it."""
@@ -232,11 +247,23 @@ class Orchestrator:
             runtime.current().close()
             runtime.install(None)
         release_result_subscriptions()
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
+        if self._records is not None:
+            self._records.close()
         if self._store is not None:
             self._store.redis.close()
             self._store = None
         if self._embedded is not None:
             self._embedded.stop()
+
+    @property
+    def records(self) -> RecordStore:
+        """The SQL records (DATABASE_URL, else SQLite under MCPO_HOME): run history and the audit chain."""
+        if self._records is None:
+            self._records = RecordStore(celeryconfig.settings.records_url)
+        return self._records
 
     def __enter__(self) -> Orchestrator:
         return self

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,11 +17,13 @@ import click
 import yaml
 
 import celeryconfig
+from orchestrator import audit
 from orchestrator.api import Orchestrator
 from orchestrator.compiler import shape
 from orchestrator.config import Config, load_config, parse_config, read_document
 from orchestrator.errors import BrokerError, ConfigError, OrchestratorError, RunNotFound, RunTimeout
 from orchestrator.progress import follow
+from orchestrator.records import RecordStore, describe
 from orchestrator.results import RunResult
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
@@ -404,6 +407,114 @@ def keys_rotate() -> None:
         return
     click.echo(f"new key in {rotation.source}; re-encrypted {rotation.ciphertexts} ciphertexts of "
                f"{rotation.secrets} secrets; retired {rotation.retired} old key(s)")  # fmt: skip
+
+
+# Records: run history and the audit chain in SQL (DATABASE_URL, else SQLite under MCPO_HOME).
+
+
+def _records() -> RecordStore:
+    return RecordStore(celeryconfig.settings.records_url)
+
+
+def _since(text: str | None) -> float | None:
+    """--since: a duration back from now (90s, 30m, 2h, 7d) or a date/time (2026-01-31, 2026-01-31T12:00)."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        _fail(f"--since {text!r}: expected a duration (90s, 30m, 2h, 7d) or a date (2026-01-31[T12:00])")
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+@main.command()
+@click.option("--workflow", "-w", help="only runs of this workflow")
+@click.option("--status", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]))
+@click.option("--since", help="only runs created since: 90s, 30m, 2h, 7d, or a date like 2026-01-31")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the runs as JSON")
+def runs(workflow: str | None, status: str | None, since: str | None, limit: int, as_json: bool) -> None:
+    """Recent runs from the records, newest first."""
+    with _errors():
+        found = _records().runs(workflow, status, _since(since), limit)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"{'RUN':32}  {'WORKFLOW':20} {'STATUS':10} {'CREATED':19}  WHO")
+    for run in found:
+        click.echo(
+            f"{run['id']:32}  {run['workflow']:20} {run['status']:10} {_when(run['created_at']):19}  {run['who']}"
+        )
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
+def show(run_id: str, as_json: bool) -> None:
+    """A run and each of its steps, from Redis while it holds the run, then from the records."""
+    with _errors(), Orchestrator(parse_config({})) as orchestrator:
+        result = orchestrator.status(run_id)
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    click.echo(f"run {result.id} ({result.workflow}) {result.status}, created {_when(result.created_at)}, "
+               f"finished {_when(result.finished_at)}")  # fmt: skip
+    for step_id, step in result.steps.items():
+        took = f"{step.duration_ms:.1f} ms" if step.duration_ms is not None else "-"
+        where = f"{step.service}/{step.instance or '-'}.{step.tool}"
+        click.echo(f"  {step_id:24} {step.status:11} {where:40} attempts {step.attempts}  {took}")
+    for error in result.errors:
+        click.echo(f"  ✘ {error.step} ({error.service}.{error.tool}) {error.type}: {error.message}")
+
+
+@main.group(name="audit")
+def audit_group() -> None:
+    """The audit chain: one row per MCP interaction and per operation, each carrying the previous row's hash."""
+
+
+@audit_group.command()
+def verify() -> None:
+    """Check the whole chain; names the first row edited, deleted or moved (exit 1)."""
+    with _errors(), _records().session() as session:
+        count, problem = audit.verify(session)
+    if problem is not None:
+        _fail(f"{problem} (the {count} rows before it hold)", EXIT_FAILED)
+    click.echo(f"ok: {count} audit rows, one unbroken chain")
+
+
+@audit_group.command(name="export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="file to write (default: stdout)")
+@click.option("--since", help="only rows since: 90s, 30m, 2h, 7d, or a date like 2026-01-31")
+def export_audit(output: str | None, since: str | None) -> None:
+    """Write the audit rows as JSON lines (for a SIEM), in chain order."""
+    start = _since(since)
+    with _errors(), _records().session() as session:
+        if output is None:
+            audit.export(session, sys.stdout, start)
+            return
+        with open(output, "w") as out:
+            count = audit.export(session, out, start)
+    click.echo(f"{count} audit rows written to {output}", err=True)
+
+
+@main.group()
+def db() -> None:
+    """The records database (DATABASE_URL, else SQLite under MCPO_HOME)."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Create or migrate the records schema to the newest version."""
+    store = _records()
+    with _errors():
+        store.upgrade()
+    click.echo(f"ok: {describe(store.url)} is at the newest schema")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ class RunNotFound(OrchestratorError):
     """No run is known by the given id."""
 
 
+class RecordsError(OrchestratorError):
+    """The records database cannot be reached, has no schema yet, or holds what it should not."""
+
+
 class RunTimeout(OrchestratorError):
     """A run did not finish within the time `Run.wait` was given."""
 

@@ -1,7 +1,8 @@
 """Health of service instances: what the beats saw last, their history, and instances to avoid for a while.
 
 Keys (under the namespace): `health:<service>` a hash of instance → the latest Health JSON;
-`health:<service>:<instance>:history` the last HISTORY beats, newest first; `avoid:<service>` a hash of
+`health:<service>:<instance>:history` the last HISTORY beats, newest first (every beat also goes to the
+SQL records, table `health`, when records are on); `avoid:<service>` a hash of
 instance → until when calls should go elsewhere (an instance that just failed a call). Every change is
 announced on the `fleet` channel, so workers drop their cached view at once.
 """
@@ -13,6 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 from redis import Redis
+
+import celeryconfig
+from orchestrator import events
 
 HISTORY = 100
 
@@ -31,11 +35,12 @@ class Health(BaseModel):
 
 
 class HealthBook:
-    """Health records of every instance, in Redis."""
+    """Health records of every instance, in Redis; each beat also goes to the SQL records' history."""
 
-    def __init__(self, redis: Redis, namespace: str) -> None:
+    def __init__(self, redis: Redis, namespace: str, record: bool | None = None) -> None:
         self.redis = redis
         self.namespace = namespace
+        self.record_beats = celeryconfig.settings.records if record is None else record
 
     @property
     def channel(self) -> str:
@@ -59,6 +64,10 @@ class HealthBook:
         pipe.ltrim(self._history_key(service, instance), 0, HISTORY - 1)
         if health.status == "up":
             pipe.hdel(self._avoid_key(service), instance)
+        if self.record_beats:
+            beat = health.model_dump(include={"status", "latency_ms", "tools", "error"})
+            event = events.event("health", service=service, instance=instance, beat_at=health.at, **beat)
+            pipe.rpush(events.buffer_key(self.namespace), event)
         pipe.publish(self.channel, service)
         pipe.execute()
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from jsonschema import Draft202012Validator
 from redis import Redis
 
+import celeryconfig
 from orchestrator.config import HttpServer
 from orchestrator.errors import ConfigError
+from orchestrator.events import buffer_key, operation_event, record_operation
 from orchestrator.expressions import OPEN
 from orchestrator.health import HealthBook
 from orchestrator.workflow import Graph, PlannedStep
@@ -36,19 +39,25 @@ class Registry:
     def _instances_key(self, service: str) -> str:
         return f"{self.namespace}:instances:{service}"
 
-    def register(self, service: str, instance: str, server: HttpServer) -> None:
+    def register(self, service: str, instance: str, server: HttpServer, who: str | None = None) -> None:
         """Add (or replace) an instance of a service, reached over Streamable HTTP."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self._instances_key(service), instance, server.model_dump_json())
         pipe.publish(HealthBook(self.redis, self.namespace).channel, service)
+        if celeryconfig.settings.records:
+            url = _without_credentials(server.url)
+            pipe.rpush(buffer_key(self.namespace), operation_event("register", who, service=service, instance=instance,
+                                                                   detail={"url": url}))  # fmt: skip
         pipe.execute()
 
-    def deregister(self, service: str, instance: str) -> bool:
+    def deregister(self, service: str, instance: str, who: str | None = None) -> bool:
         """Remove a registered instance and what was recorded of it; False when it was not registered."""
         removed = bool(self.redis.hdel(self._instances_key(service), instance))
         if removed:
             self.redis.hdel(self._key(service), instance)
             HealthBook(self.redis, self.namespace).forget(service, instance)
+            if celeryconfig.settings.records:
+                record_operation(self.redis, self.namespace, "deregister", who, service=service, instance=instance)
         return removed
 
     def registered(self, service: str) -> dict[str, HttpServer]:
@@ -118,6 +127,13 @@ def _has_template(value: Any) -> bool:
 def _missing(error: Any) -> list[str]:
     instance = error.instance if isinstance(error.instance, dict) else {}
     return [name for name in error.validator_value if name not in instance]
+
+
+def _without_credentials(url: str) -> str:
+    """The URL for the record: no user, password or query string, where credentials tend to hide."""
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
+    return parts._replace(netloc=host, query="").geturl()
 
 
 def _text(value: bytes | str) -> str:

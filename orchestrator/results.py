@@ -57,6 +57,7 @@ class StepResult(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     worker: str | None = None
+    arguments_digest: str | None = None  # sha256 of the call's canonical JSON arguments, for the audit
 
     @property
     def done(self) -> bool:

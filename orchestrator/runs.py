@@ -4,6 +4,9 @@ Keys (under the namespace): `run:<id>` a hash of the run's fields, `run:<id>:ste
 StepResult JSON. A step's record is written by the one task that runs it, so no two writers race on a
 field. A run is pending, running once a step has started, and ends once: a Lua script sets the first
 terminal status and keeps it.
+
+Each write also pushes a record event onto the records buffer (orchestrator/events.py) in the same
+pipeline, unless records are off (MCPO_RECORDS=off): the SQL records cost a step no extra round trip.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
+import celeryconfig
+from orchestrator import events
 from orchestrator.errors import RunNotFound
 from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
 from orchestrator.workflow import Graph
@@ -33,21 +38,26 @@ return ARGV[1]
 class RunStore:
     """Reads and writes runs and their steps in Redis."""
 
-    def __init__(self, redis: Redis, namespace: str, ttl: int) -> None:
+    def __init__(self, redis: Redis, namespace: str, ttl: int, record: bool | None = None) -> None:
         self.redis = redis
         self.namespace = namespace
         self.ttl = ttl
+        self.record = celeryconfig.settings.records if record is None else record
+        self.buffer = events.buffer_key(namespace)
         self._end = redis.register_script(_END)
 
     @property
     def cancel_channel(self) -> str:
         return f"{self.namespace}:cancel"
 
-    def cancel(self, run_id: str) -> str:
+    def cancel(self, run_id: str, who: str | None = None) -> str:
         """End a run as cancelled (unless it already ended) and tell every worker; returns its status."""
+        now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        self._end(keys=[self._run_key(run_id)], args=["cancelled", repr(time.time())], client=pipe)
+        self._end(keys=[self._run_key(run_id)], args=["cancelled", repr(now)], client=pipe)
         pipe.publish(self.cancel_channel, run_id)
+        if self.record:
+            pipe.rpush(self.buffer, events.event("cancel", run_id=run_id, who=who or events.caller(), finished_at=now))
         status = pipe.execute()[0]
         if status is None:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
@@ -60,8 +70,10 @@ class RunStore:
         return f"{self.namespace}:run:{run_id}:steps"
 
     @staticmethod
-    def records(graph: Graph, version: str, params: dict[str, Any], fallback: Any = None) -> dict[str, Any]:
-        """What `write` stores for a new pending run; `fallback` is what starts if the run fails."""
+    def records(graph: Graph, version: str, params: dict[str, Any], fallback: Any = None,
+                who: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """What `write` stores for a new pending run; `fallback` is what starts if the run fails, on behalf
+        of the same caller `who`."""
         plan = {
             "steps": [
                 {"id": s.id, "service": s.service, "tool": s.tool, "depends_on": s.depends_on} for s in graph.steps
@@ -71,18 +83,23 @@ class RunStore:
             "fallback": fallback,
         }
         fields = {"workflow": graph.name, "version": version, "status": "pending", "params": json.dumps(params),
-                  "plan": json.dumps(plan)}  # fmt: skip
+                  "plan": json.dumps(plan), "who": who or events.caller()}  # fmt: skip
+        if fallback:
+            fallback["records"]["fields"]["who"] = fields["who"]
         steps = {s.id: StepResult(service=s.service, tool=s.tool).model_dump_json() for s in graph.steps}
         return {"fields": fields, "steps": steps}
 
     def write(self, run_id: str, records: dict[str, Any]) -> None:
         """Store a new pending run made by `records`, created now."""
+        created = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._run_key(run_id), mapping={**records["fields"], "created_at": repr(time.time())})
+        pipe.hset(self._run_key(run_id), mapping={**records["fields"], "created_at": repr(created)})
         if records["steps"]:
             pipe.hset(self._steps_key(run_id), mapping=records["steps"])
         pipe.expire(self._run_key(run_id), self.ttl)
         pipe.expire(self._steps_key(run_id), self.ttl)
+        if self.record:
+            pipe.rpush(self.buffer, events.run_event(run_id, records["fields"], created))
         pipe.execute()
 
     def inputs(
@@ -112,9 +129,12 @@ class RunStore:
         With `pipe`, the writes are queued on it for the caller to execute."""
         own = pipe is None
         pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
-        pipe.hset(self._steps_key(run_id), step_id, result.model_dump_json())
+        raw = result.model_dump_json()
+        pipe.hset(self._steps_key(run_id), step_id, raw)
         if result.status == "running":
             pipe.hsetnx(self._run_key(run_id), "started_at", repr(time.time()))
+        if self.record:
+            pipe.rpush(self.buffer, events.step_event(run_id, step_id, raw))
         if own:
             pipe.execute()
 
@@ -127,12 +147,23 @@ class RunStore:
             "errors": json.dumps([e.model_dump() for e in errors]),
             "error_summary": json.dumps(summary),
         }
+        now = time.time()
         pipe.hset(self._run_key(run_id), mapping=fields)
-        self._end(keys=[self._run_key(run_id)], args=[status, repr(time.time())], client=pipe)
-        return _text(pipe.execute()[-1])
+        self._end(keys=[self._run_key(run_id)], args=[status, repr(now)], client=pipe)
+        if self.record:
+            # Pushed after the Lua end in one transaction: the buffer sees ends in the order Redis decided them.
+            finished = events.event("finish", run_id=run_id, status=status, output=output, finished_at=now,
+                                    errors=[e.model_dump() for e in errors], error_summary=summary)  # fmt: skip
+            pipe.rpush(self.buffer, finished)
+        index = -2 if self.record else -1
+        return _text(pipe.execute()[index])
 
     def link_fallback(self, run_id: str, fallback_run: str) -> None:
-        self.redis.hset(self._run_key(run_id), "fallback_run", fallback_run)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self._run_key(run_id), "fallback_run", fallback_run)
+        if self.record:
+            pipe.rpush(self.buffer, events.event("fallback", run_id=run_id, fallback_run=fallback_run))
+        pipe.execute()
 
     def status(self, run_id: str) -> str:
         status, started = self.redis.hmget(self._run_key(run_id), ["status", "started_at"])

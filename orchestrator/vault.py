@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis import Redis
 
 import celeryconfig
+from orchestrator import events
 from orchestrator.errors import KeyRingMissing, SecretNotFound, SecretUndecryptable, VaultError
 
 KEEP_VERSIONS = 5  # older versions are dropped: a rotation needs the new one, history needs a few
@@ -138,6 +139,7 @@ class Vault:
 
     def __init__(self, redis: Redis, namespace: str, ring: KeyRing | None = None) -> None:
         self.redis = redis
+        self.namespace = namespace
         self.key = f"{namespace}:vault"
         self.ring = ring or KeyRing.from_environment()
         self._fernet: MultiFernet | None = None
@@ -157,6 +159,7 @@ class Vault:
                 del entry["versions"][old]
             entry["current"] = version
             self.redis.hset(self.key, name, json.dumps(entry))
+        self._audit("secret-set", secret=name, version=version)
         return version
 
     def get(self, name: str, version: int | None = None) -> str:
@@ -190,7 +193,10 @@ class Vault:
 
     def remove(self, name: str) -> bool:
         with self._locked():
-            return bool(self.redis.hdel(self.key, name))
+            removed = bool(self.redis.hdel(self.key, name))
+        if removed:
+            self._audit("secret-removed", secret=name)
+        return removed
 
     def rotate_keys(self) -> Rotation:
         """Put a new key first in the key file's ring, re-encrypt every secret under it, then retire the older
@@ -206,7 +212,13 @@ class Vault:
             if not self.ring.from_env:
                 self.ring.write(keys[:1])
             self._fernet = None
+        self._audit("keys-rotated", secrets=secrets, retired=retired)
         return Rotation(secrets, ciphertexts, retired, self.ring.source)
+
+    def _audit(self, action: str, **detail: Any) -> None:
+        # A credential change is an audited operation: names and versions, never a value.
+        if celeryconfig.settings.records:
+            events.record_operation(self.redis, self.namespace, action, detail=detail)
 
     def _reencrypt(self, fernet: MultiFernet) -> tuple[int, int]:
         secrets = ciphertexts = 0

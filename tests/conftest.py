@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ os.environ.setdefault("MCPO_HOME", tempfile.mkdtemp(prefix="mcpo-test-home-"))
 from orchestrator import Orchestrator, load_config  # noqa: E402
 from orchestrator.embedded import EmbeddedRedis  # noqa: E402
 from workers.app import queue_for, served_queues, use_broker  # noqa: E402
+
+from .proxy import TcpProxy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -157,3 +160,95 @@ def http_server() -> Iterator[Callable[..., str]]:
     for process in started:
         process.terminate()
         process.wait(10)
+
+
+# Records: each test session writes to a database of its own; on PostgreSQL through a proxy a test can cut.
+
+
+class RecordsDatabase:
+    """The session's records database: its URL, the URL that bypasses the proxy, and an outage switch."""
+
+    def __init__(self, url: str, direct: str, proxy: TcpProxy | None) -> None:
+        self.url = url
+        self.direct = direct
+        self.proxy = proxy
+
+    @property
+    def postgres(self) -> bool:
+        return self.proxy is not None
+
+    @contextmanager
+    def outage(self) -> Iterator[Callable[[], int]]:
+        """The database is unusable for every process until the block ends: PostgreSQL unreachable (the
+        proxy cuts connections), SQLite held under an exclusive lock as another process's long transaction
+        would. Yields a count of the audit rows as the database holds them meanwhile."""
+        if self.proxy is not None:
+            from sqlalchemy import create_engine, text
+
+            self.proxy.off()
+            engine = create_engine(self.direct)
+            try:
+                with engine.connect() as direct:
+                    yield lambda: int(direct.execute(text("select count(*) from audit")).scalar_one())
+            finally:
+                engine.dispose()
+                self.proxy.on()
+            return
+        import sqlite3
+
+        holder = sqlite3.connect(self.url.removeprefix("sqlite:///"), isolation_level=None, timeout=60)
+        holder.execute("begin exclusive")
+        try:
+            yield lambda: int(holder.execute("select count(*) from audit").fetchone()[0])
+        finally:
+            holder.execute("rollback")
+            holder.close()
+
+
+def scratch_postgres(base: str) -> tuple[str, Callable[[], None]]:
+    """A new, empty PostgreSQL database beside `base`'s: its URL, and how to drop it."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.records import database_url
+
+    url = make_url(database_url(base))
+    name = f"mcpo_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"create database {name}"))
+
+    def drop() -> None:
+        with admin.connect() as connection:
+            connection.execute(text(f"drop database if exists {name} with (force)"))
+        admin.dispose()
+
+    return url.set(database=name).render_as_string(hide_password=False), drop
+
+
+@pytest.fixture(scope="session", autouse=True)
+def records_database() -> Iterator[RecordsDatabase]:
+    """DATABASE_URL set: a new PostgreSQL database for this session (dropped at the end), reached through a
+    TcpProxy; else the SQLite file under MCPO_HOME. Worker processes started later inherit it."""
+    import celeryconfig
+    from orchestrator.records import RecordStore
+
+    base = os.environ.get("DATABASE_URL")
+    if not base:
+        url = celeryconfig.settings.records_url
+        yield RecordsDatabase(url, url, None)
+        return
+    from sqlalchemy.engine import make_url
+
+    direct, drop = scratch_postgres(base)
+    parsed = make_url(direct)
+    proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 5432))
+    url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    RecordStore(direct).upgrade()
+    os.environ["DATABASE_URL"] = url
+    celeryconfig.settings.database_url = url
+    try:
+        yield RecordsDatabase(url, direct, proxy)
+    finally:
+        os.environ["DATABASE_URL"] = base
+        drop()

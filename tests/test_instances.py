@@ -14,11 +14,15 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import select
 
 from orchestrator import Orchestrator, RunResult, Workflow, load_config
+from orchestrator.flusher import Flusher
+from orchestrator.records import RecordStore
 from orchestrator.results import InstanceStatus
+from orchestrator.tables import AuditRecord
 
-from .conftest import ROOT, TEST_SERVICES, WorkerProcesses, free_port
+from .conftest import ROOT, TEST_SERVICES, RecordsDatabase, WorkerProcesses, free_port
 
 SERVERS = ROOT / "tests" / "servers"
 
@@ -48,10 +52,11 @@ def served_by(result: RunResult) -> Counter[str | None]:
 
 
 @pytest.fixture(scope="module")
-def fleet(redis_url: str, workers: WorkerProcesses, test_orch: Orchestrator,
+def fleet(records_database: RecordsDatabase, redis_url: str, workers: WorkerProcesses, test_orch: Orchestrator,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:  # fmt: skip
     """`pair`: two faulty servers (fa, fb) set per test; `echoes`: one testing server, more registered by tests;
-    `gone`: two instances that never answer. The workers serve them from one process."""
+    `gone`: two instances that never answer. The workers serve them from one process, and keep their records
+    in the session's records database."""
     home = tmp_path_factory.mktemp("instances")
     states = {name: home / f"{name}.json" for name in ("fa", "fb")}
     config = yaml.safe_load(TEST_SERVICES.read_text())
@@ -171,3 +176,19 @@ def test_register_and_deregister_from_the_command_line(fleet: Fleet, worker_env:
     assert again.returncode == 2 and "has no instance 'extra' registered" in again.stderr
     clash = cli("register", "echoes", "fa", "--url", "http://127.0.0.1:9/mcp")
     assert clash.returncode == 2 and "is a server of the configuration" in clash.stderr
+
+
+def test_health_history_and_registrations_reach_the_records(fleet: Fleet, records_database: RecordsDatabase) -> None:
+    fleet.orch.register("echoes", "audited", "http://user:pw@127.0.0.1:9/mcp?key=k")
+    fleet.orch.discover(["echoes"])
+    fleet.orch.deregister("echoes", "audited")
+    store = RecordStore(records_database.url)
+    Flusher(fleet.orch.store.redis, fleet.orch.store.namespace, store).flush(60)
+    assert [beat.status for beat in store.health("echoes", "audited")] == ["down"]
+    assert store.health("echoes", "testing")[0].status == "up"
+    with store.session() as session:
+        rows = session.scalars(select(AuditRecord).where(AuditRecord.instance == "audited").order_by(AuditRecord.seq))
+        audited = [(row.action, row.service, row.detail) for row in rows]
+    assert [action for action, _, _ in audited] == ["register", "deregister"]
+    assert audited[0][1] == "echoes" and "127.0.0.1:9/mcp" in (audited[0][2] or "")
+    assert "pw" not in (audited[0][2] or "") and "key=k" not in (audited[0][2] or "")  # no credentials kept

@@ -18,6 +18,7 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from orchestrator.errors import Cancelled, OrchestratorError, ToolError, TransportError, Unavailable
+from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
 from workers.balancer import Lease
@@ -149,6 +150,7 @@ def _attempt(
         result.instance = None
         try:
             arguments = render(call.arguments, context)
+            result.arguments_digest = digest(arguments)
             result.output, lease = _call_once(runtime, call, arguments, result)
         except OrchestratorError as exc:
             call = _failed_attempt(call, result.instance or "", exc)

@@ -14,6 +14,7 @@ from redis import Redis
 import celeryconfig
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
+from orchestrator.flusher import start_flusher
 from orchestrator.health import Health
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
@@ -31,6 +32,7 @@ class Runtime:
     pool: SessionPool
     balancer: Balancer
     _listener: Any = None
+    _flusher: Any = None
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
@@ -40,6 +42,7 @@ class Runtime:
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
         runtime._listen()
+        runtime._flusher = start_flusher(store)
         return runtime
 
     def check(self, service: str) -> dict[str, Health]:
@@ -86,6 +89,8 @@ class Runtime:
     def close(self) -> None:
         if self._listener is not None:
             self._listener.stop()
+        if self._flusher is not None:
+            self._flusher.stop()
         self.pool.close()
         self.store.redis.close()
 

@@ -1,0 +1,132 @@
+"""The flusher: drains the records buffer in Redis into SQL, in batches, off every step's path.
+
+One flusher at a time holds a lock in Redis, reads a batch from the head of the buffer, writes it in one
+transaction and only then trims it off the buffer, if it still holds the lock. A crash or a database
+outage therefore loses nothing: the events stay in Redis and the next flush (here or in any other process)
+writes them; a batch written but not trimmed is recognized by its event ids and not audited twice.
+
+Every worker runtime and every API process runs one in a background thread, and drains what is left when
+it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+import celeryconfig
+from orchestrator.errors import RecordsError
+from orchestrator.events import buffer_key
+from orchestrator.records import RecordStore, describe
+from orchestrator.runs import RunStore
+
+log = logging.getLogger(__name__)
+
+# Trims a written batch, unless the lock expired meanwhile (another flusher may be writing it again).
+_TRIM = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[2]), -1)
+redis.call('DEL', KEYS[2])
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Flusher:
+    """Moves record events from the Redis buffer into a RecordStore."""
+
+    def __init__(self, redis: Redis, namespace: str, store: RecordStore, batch: int = 500,
+                 interval: float = 0.5, lock_ttl: float = 120) -> None:  # fmt: skip
+        self.redis = redis
+        self.store = store
+        self.buffer = buffer_key(namespace)
+        self.lock = f"{self.buffer}:lock"
+        self.batch = batch
+        self.interval = interval
+        self.lock_ttl = lock_ttl
+        self._trim = redis.register_script(_TRIM)
+        self._release = redis.register_script(_RELEASE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def pending(self) -> int:
+        """Events waiting in the buffer."""
+        return int(self.redis.llen(self.buffer))
+
+    def flush_once(self) -> int:
+        """Write one batch, if the buffer holds any and no other flusher is at it; how many events."""
+        if not self.redis.llen(self.buffer):
+            return 0
+        token = uuid.uuid4().hex
+        if not self.redis.set(self.lock, token, nx=True, px=int(self.lock_ttl * 1000)):
+            return 0
+        try:
+            batch = self.redis.lrange(self.buffer, 0, self.batch - 1)
+            if batch:
+                self.store.apply(batch)
+            if not self._trim(keys=[self.buffer, self.lock], args=[token, len(batch)]):
+                log.warning("records: flush of %d events outlived its lock; the next flush dedups them", len(batch))
+            return len(batch)
+        finally:
+            self._release(keys=[self.lock], args=[token])
+
+    def flush(self, timeout: float = 30) -> int:
+        """Drain the buffer (waiting for other flushers); raises RecordsError if the database fails."""
+        written, deadline = 0, time.monotonic() + timeout
+        while self.pending():
+            count = self.flush_once()
+            written += count
+            if count == 0:
+                if time.monotonic() > deadline:
+                    raise RecordsError(f"records buffer {self.buffer} not drained within {timeout:g} s")
+                time.sleep(0.05)  # another process holds the lock and is writing
+        return written
+
+    def start(self) -> Flusher:
+        self._thread = threading.Thread(target=self._run, name="records-flusher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: float = 5) -> None:
+        """Stop the thread and write what is left, for up to `drain` seconds; the rest stays in Redis."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        try:
+            self.flush(drain)
+        except (RecordsError, RedisError) as exc:
+            log.warning("records: %s; the events stay in Redis for the next flush", exc)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                count = self.flush_once()
+            except Exception as exc:  # boundary: the thread lives on; the events wait in Redis
+                failures += 1
+                if failures == 1 or failures % 30 == 0:  # an outage is logged once, then now and then
+                    log.warning("records: flush to %s failed (%s); events wait in Redis", describe(self.store.url), exc)
+                self._stop.wait(min(10.0, self.interval * 2**failures))
+                continue
+            if failures:
+                log.info("records: flush to %s works again after %d failures", describe(self.store.url), failures)
+                failures = 0
+            if count < self.batch:
+                self._stop.wait(self.interval)
+
+
+def start_flusher(store: RunStore) -> Flusher | None:
+    """A flusher for this process's run store, writing to the configured records database; None with
+    records off (MCPO_RECORDS=off)."""
+    if not store.record:
+        return None
+    return Flusher(store.redis, store.namespace, RecordStore(celeryconfig.settings.records_url)).start()

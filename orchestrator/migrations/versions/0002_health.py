@@ -1,0 +1,34 @@
+"""Health history: one row per health beat of each service instance.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "health",
+        sa.Column("event_id", sa.String(64), primary_key=True),
+        sa.Column("service", sa.String(200), nullable=False, index=True),
+        sa.Column("instance", sa.String(200), nullable=False),
+        sa.Column("status", sa.String(10), nullable=False),
+        sa.Column("at", sa.Float(), nullable=False, index=True),
+        sa.Column("latency_ms", sa.Float()),
+        sa.Column("tools", sa.Integer()),
+        sa.Column("error", sa.Text()),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("health")
