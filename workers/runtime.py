@@ -21,6 +21,7 @@ from orchestrator.vault import Vault
 from workers.app import app
 from workers.balancer import Balancer
 from workers.credentials import Credentials
+from workers.guard import CallGuard
 from workers.sessions import SessionPool, describe
 
 
@@ -31,6 +32,7 @@ class Runtime:
     pool: SessionPool
     balancer: Balancer
     _listener: Any = None
+    guard: CallGuard | None = None  # access control on: checks each step's caller token before its MCP call
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
@@ -39,6 +41,7 @@ class Runtime:
         balancer = Balancer(config, store.redis, store.namespace)
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
+        runtime.guard = CallGuard.of(config, store.redis, settings.namespace)
         runtime._listen()
         return runtime
 
