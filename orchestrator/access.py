@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 import casbin
@@ -74,6 +75,17 @@ class OidcSettings(BaseModel):
         return self
 
 
+class SigningSettings(BaseModel):
+    """Celery message signing: this process's X.509 key and certificate, and the directory of trusted
+    certificates (PEM files); relative paths are relative to the configuration file."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: Path
+    certificate: Path
+    store: Path
+    digest: str = "sha256"
+
+
 class AccessSettings(BaseModel):
     """The configuration's `access:` section; without it access control is off."""
 
@@ -82,6 +94,7 @@ class AccessSettings(BaseModel):
     roles: dict[str, Role] = Field(default_factory=dict)
     oidc: OidcSettings | None = None
     role_claims: dict[str, str | list[str]] = Field(default_factory=dict)  # claim value (a group) -> role(s)
+    signing: SigningSettings | None = None  # off unless given
 
     @model_validator(mode="after")
     def _known_roles(self) -> AccessSettings:

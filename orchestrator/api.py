@@ -27,6 +27,7 @@ from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
 from workers.balancer import Balancer
 from workers.inprocess import InProcessWorker
+from workers.signing import use_signing
 
 CALLER_GRACE = 600.0  # seconds a run's step messages may wait in queues beyond the steps' own budgets
 
@@ -87,6 +88,7 @@ class Orchestrator:
         if self._store is None:
             url = self._redis_url or self._embedded.start()  # type: ignore[union-attr]
             use_broker(url, self._broker_url)
+            use_signing(self.config)
             settings = celeryconfig.settings
             self._store = RunStore(Redis.from_url(url), settings.namespace, settings.run_ttl)
         return self._store

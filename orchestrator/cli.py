@@ -324,10 +324,12 @@ def worker(services: tuple[str, ...], config_path: str | None, concurrency: int 
 def _serve(config: Config, services: list[str], concurrency: int, loglevel: str) -> None:
     from orchestrator.embedded import EmbeddedRedis
     from workers.app import app, control_queue, queue_for, use_broker
+    from workers.signing import use_signing
 
     settings = celeryconfig.settings
     url = settings.redis_url or EmbeddedRedis(settings.home).start()
     use_broker(url, settings.broker_url)
+    use_signing(config)
     os.environ["MCPO_CONFIG"] = str(Path(config.source or "").resolve())
     celeryconfig.settings.config = Path(os.environ["MCPO_CONFIG"])
     queues = ",".join([*(queue_for(name) for name in services), control_queue()])
