@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -11,21 +12,28 @@ from typing import Any
 from redis import Redis
 
 import celeryconfig
+from orchestrator.access import AccessControl, enabled
 from orchestrator.compiler import compile_run
 from orchestrator.config import Config, HttpServer, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunNotFound, RunTimeout, WorkflowNotFound
+from orchestrator.events import audit_security
 from orchestrator.flusher import Flusher, start_flusher
 from orchestrator.health import HISTORY, Health, HealthBook
+from orchestrator.identity import Identity, IdentitySettings, SigningKey, mint_caller
 from orchestrator.records import RecordStore
 from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
+from orchestrator.security import Listener, off_security_event, on_security_event
 from orchestrator.workflow import Graph, Workflow
 from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
 from workers.balancer import Balancer
 from workers.inprocess import InProcessWorker
+from workers.signing import use_signing
+
+CALLER_GRACE = 600.0  # seconds a run's step messages may wait in queues beyond the steps' own budgets
 
 
 class Run:
@@ -36,7 +44,8 @@ class Run:
         self._orchestrator = orchestrator
 
     def status(self) -> RunResult:
-        return self._orchestrator.status(self.id)
+        # The handle of a run is its starter's: it reads the run without a `read` permission of its own.
+        return self._orchestrator.store.load(self.id)
 
     def wait(self, timeout: float | None = None, poll: float = 0.05) -> RunResult:
         """Block until the run ends; raises RunTimeout after `timeout` seconds."""
@@ -56,9 +65,12 @@ class Orchestrator:
     Redis server and worker threads inside this process run them.
     """
 
-    def __init__(self, config: Config, *, redis_url: str | None = None, broker_url: str | None = None) -> None:
+    def __init__(self, config: Config, *, redis_url: str | None = None, broker_url: str | None = None,
+                 token: str | None = None) -> None:  # fmt: skip
         settings = celeryconfig.settings
         self.config = config
+        self._token = token if token is not None else IdentitySettings().token
+        self._access: AccessControl | None = None
         self._redis_url = redis_url or settings.redis_url
         self._broker_url = broker_url or settings.broker_url
         self._embedded = None if self._redis_url else EmbeddedRedis(settings.home)
@@ -67,6 +79,7 @@ class Orchestrator:
         self._served: set[str] = set()
         self._flusher: Flusher | None = None
         self._records: RecordStore | None = None
+        self._audit_security: Listener | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **options: Any) -> Orchestrator:
@@ -82,16 +95,26 @@ class Orchestrator:
         if self._store is None:
             url = self._redis_url or self._embedded.start()  # type: ignore[union-attr]
             use_broker(url, self._broker_url)
+            use_signing(self.config)
             settings = celeryconfig.settings
             self._store = RunStore(Redis.from_url(url), settings.namespace, settings.run_ttl)
             self._flusher = start_flusher(self._store)
+            self._audit_security = audit_security(self._store.redis, settings.namespace)
+            on_security_event(self._audit_security)
         return self._store
 
     def enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, *,
                 caller: str | None = None) -> Run:  # fmt: skip
         """Start a workflow (a name in the configuration, a workflow file, or a Workflow); `caller` is who the
-        records say asked for it (default: this process's user)."""
+        records say asked for it when access control is off (default: this process's user)."""
+        return self._enqueue(workflow, params, "enqueue", caller)
+
+    def _enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None, action: str,
+                 who: str | None = None) -> Run:  # fmt: skip
         name, definition = self._resolve(workflow)
+        caller = self._allow(action, f"workflow:{name}")
+        if caller is not None and definition.fallback:
+            self._allow(action, f"workflow:{definition.fallback}")
         graph = self.config.graph(definition, name)
         self._check_timeouts(graph)
         store = self.store
@@ -99,19 +122,22 @@ class Orchestrator:
         self._ensure_workers({s.service for s in graph.steps} | {s.fallback.service for s in graph.steps if s.fallback})
         run_id = uuid.uuid4().hex
         params = {**definition.params, **(params or {})}
-        fallback = self._fallback_run(definition.fallback, run_id, params) if definition.fallback else None
-        store.write(run_id, store.records(graph, definition.version(), params, fallback, who=caller))
-        compile_run(self.config, run_id, graph).apply_async()
+        sign = self._caller_tokens(caller, action)
+        who = caller.subject if caller is not None else who
+        fallback = self._fallback_run(definition.fallback, run_id, params, sign) if definition.fallback else None
+        store.write(run_id, store.records(graph, definition.version(), params, fallback, who=who))
+        compile_run(self.config, run_id, graph, caller=sign(run_id, name, graph)).apply_async()
         return Run(self, run_id)
 
     def run(
         self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, timeout: float | None = None
     ) -> RunResult:
         """Enqueue and wait: the result of the finished run."""
-        return self.enqueue(workflow, params).wait(timeout)
+        return self._enqueue(workflow, params, "run").wait(timeout)
 
     def cancel(self, run_id: str) -> RunResult:
         """Cancel a run: no further step starts, in-flight calls are cancelled; what finished is kept."""
+        self._allow("cancel", lambda: f"workflow:{self.store.load(run_id).workflow}")
         self.store.cancel(run_id)
         return self.status(run_id)
 
@@ -119,6 +145,8 @@ class Orchestrator:
         """Run a health beat on each service's workers now: every instance is asked for its tools (names of
         those all its instances offer returned); `enqueue` then checks steps against them."""
         names = services or sorted(self.config.services)
+        for name in names:
+            self._allow("read", f"service:{name}")
         self.store  # noqa: B018 - connects (and starts the embedded default) first
         self._ensure_workers(set(names))
         asked = {
@@ -131,23 +159,22 @@ class Orchestrator:
 
     def services(self) -> list[InstanceStatus]:
         """Every instance of every service: health, latency, tools, calls in flight, and its breaker's state."""
+        readable = self._readable_services()
         balancer = Balancer(self.config, self.store.redis, self.store.namespace)
         registry = Registry(self.store.redis, self.store.namespace)
-        return [
-            status
-            for name in sorted(self.config.services)
-            for status in _instances(name, balancer, registry.discovered(name))
-        ]
+        return [status for name in readable for status in _instances(name, balancer, registry.discovered(name))]
 
     def health_history(self, service: str, instance: str, count: int = 100, since: float | None = None) -> list[Health]:
         """The health beats of one instance, newest first: the last 100 from Redis, older ones (or any since
         a time) from the SQL records."""
+        self._allow("read", f"service:{service}")
         if since is None and count <= HISTORY:
             return HealthBook(self.store.redis, self.store.namespace).history(service, instance, count)
         return self.records.health(service, instance, since, count)
 
     def register(self, service: str, instance: str, url: str, headers: dict[str, str] | None = None) -> None:
         """Add an instance of a service at run time, reached over Streamable HTTP; workers use it at once."""
+        self._allow("register", f"service:{service}")
         self._check_instance_name(service, instance)
         Registry(self.store.redis, self.store.namespace).register(
             service, instance, HttpServer(url=url, headers=headers or {})
@@ -155,6 +182,7 @@ class Orchestrator:
 
     def deregister(self, service: str, instance: str) -> None:
         """Remove an instance registered at run time; it takes no further calls."""
+        self._allow("deregister", f"service:{service}")
         self._check_instance_name(service, instance)
         if not Registry(self.store.redis, self.store.namespace).deregister(service, instance):
             raise ConfigError(f"service '{service}' has no instance '{instance}' registered at run time")
@@ -173,11 +201,47 @@ class Orchestrator:
     def status(self, run_id: str) -> RunResult:
         """A run's result so far, by id, from any process; from the SQL records once Redis forgot it."""
         try:
-            return self.store.load(run_id)
+            result = self.store.load(run_id)
         except RunNotFound:
             if not celeryconfig.settings.records:
                 raise
-            return self.records.load(run_id)
+            result = self.records.load(run_id)
+        self._allow("read", f"workflow:{result.workflow}")
+        return result
+
+    @property
+    def access(self) -> AccessControl | None:
+        """The configuration's access control; None when it is off (no `access:` section)."""
+        if self._access is None and enabled(self.config.access):
+            self._access = AccessControl(self.config.access, self.store.redis, self.store.namespace)  # type: ignore[arg-type]
+        return self._access
+
+    def _allow(self, action: str, resource: str | Callable[[], str]) -> Identity | None:
+        """The caller, once their token grants action on resource; None when access control is off."""
+        access = self.access
+        return None if access is None else access.require(self._token, action, resource)
+
+    def _readable_services(self) -> list[str]:
+        names = sorted(self.config.services)
+        access = self.access
+        if access is None or not names:
+            return names
+        identity = access.authenticate(self._token)
+        readable = [name for name in names if access.policy.allows(identity.roles, "read", f"service:{name}")]
+        if not readable:
+            access.policy.check(identity, "read", "service:*")
+        return readable
+
+    def _caller_tokens(self, caller: Identity | None, action: str) -> Callable[[str, str, Graph], str | None]:
+        """Mints each run's caller token, valid for the run's whole budget; no tokens when access is off."""
+        if caller is None:
+            return lambda run_id, workflow, graph: None
+        key = SigningKey.from_environment().load()
+
+        def sign(run_id: str, workflow: str, graph: Graph) -> str | None:
+            return mint_caller(key, caller, run_id, workflow, action, self._budget(graph))
+
+        return sign
 
     def graph(self, workflow: str | Path | Workflow) -> Graph:
         """Check a workflow against the configuration without running it."""
@@ -194,7 +258,8 @@ class Orchestrator:
             return load_workflow(path, self.config)
         return str(workflow), self.config.workflow(str(workflow))
 
-    def _fallback_run(self, name: str, run_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    def _fallback_run(self, name: str, run_id: str, params: dict[str, Any],
+                      sign: Callable[[str, str, Graph], str | None]) -> dict[str, Any]:  # fmt: skip
         """A fallback workflow's run, compiled now, while the whole configuration is at hand: the worker
         that finds the run failed only stores it and starts its canvas."""
         workflow = self.config.workflow(name)
@@ -202,8 +267,18 @@ class Orchestrator:
         self._ensure_workers({s.service for s in graph.steps})
         child_id = uuid.uuid4().hex
         records = RunStore.records(graph, workflow.version(), {**workflow.params, **params})
-        canvas = compile_run(self.config, child_id, graph, after_fallback=run_id)
+        canvas = compile_run(self.config, child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph))
         return {"run_id": child_id, "records": records, "canvas": dict(canvas)}
+
+    def _budget(self, graph: Graph) -> float:
+        """A bound on how long a run's messages live: every step's and fallback's time budget, one after another,
+        and time for them to wait in queues (a caller token must outlive its run, and not much more)."""
+        total = 0.0
+        for step in graph.steps:
+            total += step.timeout or self.config.services[step.service].timeout
+            if step.fallback:
+                total += self.config.services[step.fallback.service].timeout
+        return total + CALLER_GRACE
 
     def _check_timeouts(self, graph: Graph) -> None:
         limit = celeryconfig.settings.visibility_timeout
@@ -253,6 +328,8 @@ class Orchestrator:
         if self._records is not None:
             self._records.close()
         if self._store is not None:
+            if self._audit_security is not None:
+                off_security_event(self._audit_security)
             self._store.redis.close()
             self._store = None
         if self._embedded is not None:

@@ -21,7 +21,7 @@ from orchestrator import audit
 from orchestrator.api import Orchestrator
 from orchestrator.compiler import shape
 from orchestrator.config import Config, load_config, parse_config, read_document
-from orchestrator.errors import BrokerError, ConfigError, OrchestratorError, RunNotFound, RunTimeout
+from orchestrator.errors import BrokerError, ConfigError, OrchestratorError, PermissionDenied, RunNotFound, RunTimeout
 from orchestrator.progress import follow
 from orchestrator.records import RecordStore, describe
 from orchestrator.results import RunResult
@@ -38,7 +38,7 @@ def _fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
 def _errors() -> Iterator[None]:
     try:
         yield
-    except (ConfigError, RunNotFound, BrokerError) as exc:
+    except (ConfigError, RunNotFound, BrokerError, PermissionDenied) as exc:
         _fail(str(exc))
     except RunTimeout as exc:
         _fail(str(exc), EXIT_FAILED)
@@ -50,12 +50,31 @@ def _config(path: str | None, workflow: str | None = None) -> Config:
     """--config, else MCPO_CONFIG, else a workflow file that holds its own servers."""
     path = path or (str(celeryconfig.settings.config) if celeryconfig.settings.config else None)
     if path:
-        return load_config(path)
+        return _noted(load_config(path))
     if workflow and Path(workflow).exists():
         data = read_document(workflow)
         if isinstance(data, dict) and ("servers" in data or "mcpServers" in data):
-            return load_config(workflow)
+            return _noted(load_config(workflow))
     _fail("no configuration: pass --config FILE or set MCPO_CONFIG")
+
+
+def _config_or_empty(path: str | None) -> Config:
+    """--config or MCPO_CONFIG when given (its `access:` section applies), else an empty configuration."""
+    path = path or (str(celeryconfig.settings.config) if celeryconfig.settings.config else None)
+    return _noted(load_config(path) if path else parse_config({}))
+
+
+def _noted(config: Config) -> Config:
+    """Say once per home, on stderr, that access control is off."""
+    from orchestrator.access import enabled
+
+    marker = celeryconfig.settings.home / "access-off-noted"
+    if not enabled(config.access) and not marker.exists():
+        click.echo("note: access control is off (the configuration has no `access:` section); "
+                   "`mcp-orchestrator init --secure --config FILE` switches it on", err=True)  # fmt: skip
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return config
 
 
 def _params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:
@@ -107,8 +126,11 @@ params_option = click.option("--params", "params_json", metavar="JSON|@FILE", he
 
 @click.group()
 @click.version_option(package_name="mcp-orchestrator")
-def main() -> None:
+@click.option("--token", envvar="MCPO_TOKEN", default=None, help="the caller's token (default: $MCPO_TOKEN)")
+def main(token: str | None) -> None:
     """Run workflows over MCP servers on Celery workers."""
+    if token:
+        os.environ["MCPO_TOKEN"] = token  # the API reads the token where MCPO_TOKEN would give it
 
 
 @main.command()
@@ -157,7 +179,7 @@ def enqueue(workflow: str, config_path: str | None, pairs: tuple[str, ...], para
 def status(run_id: str, config_path: str | None, as_json: bool) -> None:
     """Show a run by id."""
     with _errors():
-        with Orchestrator(parse_config({})) as orchestrator:
+        with Orchestrator(_config_or_empty(config_path)) as orchestrator:
             result = orchestrator.status(run_id)
         _print_result(result, as_json)
     sys.exit(0 if result.status in ("succeeded", "pending", "running") else EXIT_FAILED)
@@ -180,9 +202,10 @@ def discover(config_path: str | None, names: tuple[str, ...], as_json: bool) -> 
 
 @main.command()
 @click.argument("run_id")
-def cancel(run_id: str) -> None:
+@config_option
+def cancel(run_id: str, config_path: str | None) -> None:
     """Cancel a run: no further step starts and in-flight calls are cancelled; finished steps are kept."""
-    with _errors(), Orchestrator(parse_config({})) as orchestrator:
+    with _errors(), Orchestrator(_config_or_empty(config_path)) as orchestrator:
         result = orchestrator.cancel(run_id)
     click.echo(f"run {run_id} {result.status}")
     sys.exit(0 if result.status == "cancelled" else EXIT_FAILED)
@@ -304,10 +327,12 @@ def worker(services: tuple[str, ...], config_path: str | None, concurrency: int 
 def _serve(config: Config, services: list[str], concurrency: int, loglevel: str) -> None:
     from orchestrator.embedded import EmbeddedRedis
     from workers.app import app, control_queue, queue_for, use_broker
+    from workers.signing import use_signing
 
     settings = celeryconfig.settings
     url = settings.redis_url or EmbeddedRedis(settings.home).start()
     use_broker(url, settings.broker_url)
+    use_signing(config)
     os.environ["MCPO_CONFIG"] = str(Path(config.source or "").resolve())
     celeryconfig.settings.config = Path(os.environ["MCPO_CONFIG"])
     queues = ",".join([*(queue_for(name) for name in services), control_queue()])
@@ -337,12 +362,14 @@ def secrets() -> None:
 @click.argument("name")
 @click.option("--from-file", "from_file", type=click.Path(exists=True, dir_okay=False),
               help="read the value from this file (default: stdin)")  # fmt: skip
-def secrets_set(name: str, from_file: str | None) -> None:
+@config_option
+def secrets_set(name: str, from_file: str | None, config_path: str | None) -> None:
     """Store a new version of secret NAME, its value read from stdin or a file (never the command line)."""
     from orchestrator.vault import check_name
 
     with _errors():
         vault = _vault()
+        _require(config_path, vault.redis, "secrets", f"secret:{name}")
         check_name(name)
         if sys.stdin.isatty() and from_file is None:
             click.echo(f"value of secret '{name}' (end with Ctrl-D):", err=True)
@@ -356,10 +383,13 @@ def secrets_set(name: str, from_file: str | None) -> None:
 
 @secrets.command("list")
 @click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
-def secrets_list(as_json: bool) -> None:
+@config_option
+def secrets_list(as_json: bool, config_path: str | None) -> None:
     """Every secret's name, current version and age; never a value."""
     with _errors():
-        infos = _vault().list()
+        vault = _vault()
+        _require(config_path, vault.redis, "secrets", "secret:*")
+        infos = vault.list()
     now = time.time()
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
@@ -380,10 +410,13 @@ def _age(seconds: float) -> str:
 
 @secrets.command("rm")
 @click.argument("name")
-def secrets_rm(name: str) -> None:
+@config_option
+def secrets_rm(name: str, config_path: str | None) -> None:
     """Remove secret NAME and all its versions."""
     with _errors():
-        if not _vault().remove(name):
+        vault = _vault()
+        _require(config_path, vault.redis, "secrets", f"secret:{name}")
+        if not vault.remove(name):
             _fail(f"no secret '{name}' in the vault")
     click.echo(f"secret '{name}' removed")
 
@@ -394,13 +427,16 @@ def keys() -> None:
 
 
 @keys.command("rotate")
-def keys_rotate() -> None:
+@config_option
+def keys_rotate(config_path: str | None) -> None:
     """Add a new key first in the key file, re-encrypt every secret under it, then retire the old keys.
 
     Workers keep running: one that cannot decrypt with the ring it holds reads the key file again.
     """
     with _errors():
-        rotation = _vault().rotate_keys()
+        vault = _vault()
+        _require(config_path, vault.redis, "keys", "vault")
+        rotation = vault.rotate_keys()
     if rotation.source == "MCPO_VAULT_KEYS":
         click.echo(f"re-encrypted {rotation.ciphertexts} ciphertexts of {rotation.secrets} secrets under the first "
                    "key of MCPO_VAULT_KEYS; the other keys there may now be removed")  # fmt: skip
@@ -515,6 +551,133 @@ def upgrade() -> None:
     with _errors():
         store.upgrade()
     click.echo(f"ok: {describe(store.url)} is at the newest schema")
+
+
+def _redis() -> Any:
+    """A client of REDIS_URL or the embedded Redis."""
+    from redis import Redis
+
+    from orchestrator.embedded import EmbeddedRedis
+    from orchestrator.events import audit_security
+    from orchestrator.security import on_security_event
+
+    settings = celeryconfig.settings
+    redis = Redis.from_url(settings.redis_url or EmbeddedRedis(settings.home).start())
+    on_security_event(audit_security(redis, settings.namespace))  # token issues and revocations go on record
+    return redis
+
+
+def _require(config_path: str | None, redis: Any, action: str, resource: str) -> Config:
+    """The configuration, once the caller may do action on resource (when its access control is on)."""
+    from orchestrator.access import AccessControl, enabled
+    from orchestrator.identity import IdentitySettings
+
+    config = _config_or_empty(config_path)
+    if config.access is not None and enabled(config.access):
+        access = AccessControl(config.access, redis, celeryconfig.settings.namespace)
+        access.require(IdentitySettings().token, action, resource)
+    return config
+
+
+@main.group()
+def tokens() -> None:
+    """Caller tokens this orchestrator issues: signed, revocable, stored hashed (admin only when access is on)."""
+
+
+@tokens.command("issue")
+@click.option("--subject", required=True, help="who the token identifies")
+@click.option("--role", required=True, help="a shipped role (viewer, operator, admin) or one of the configuration")
+@click.option("--ttl", default="8h", show_default=True, help="how long it is valid: 90s, 30m, 8h, 7d")
+@config_option
+def tokens_issue(subject: str, role: str, ttl: str, config_path: str | None) -> None:
+    """Issue a token and print it, once: only its hash is kept."""
+    from orchestrator.access import AccessSettings
+    from orchestrator.identity import TokenBook, parse_duration
+
+    with _errors():
+        redis = _redis()
+        config = _require(config_path, redis, "admin", "tokens")
+        roles = (config.access or AccessSettings()).all_roles
+        if role not in roles:
+            _fail(f"unknown role '{role}' (roles: {', '.join(roles)})")
+        book = TokenBook(redis, celeryconfig.settings.namespace)
+        if book.signing.ensure():
+            click.echo(f"created a token signing key in {book.signing.path} (mode 0600): every API host and worker "
+                       "needs it (or MCPO_TOKEN_KEY); keep it out of Redis", err=True)  # fmt: skip
+        token, info = book.issue(subject, role, parse_duration(ttl))
+    click.echo(f"token {info.id} for {subject} ({role}), expires {_when(info.expires_at)}; shown only now:", err=True)
+    click.echo(token)
+
+
+@tokens.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+@config_option
+def tokens_list(as_json: bool, config_path: str | None) -> None:
+    """Every issued token's id, subject, role and expiry; never the token."""
+    from orchestrator.identity import TokenBook
+
+    with _errors():
+        redis = _redis()
+        _require(config_path, redis, "admin", "tokens")
+        infos = TokenBook(redis, celeryconfig.settings.namespace).list()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
+        return
+    click.echo(f"{'ID':32} {'SUBJECT':24} {'ROLE':12} {'EXPIRES':19}")
+    for info in infos:
+        expired = " (expired)" if info.expires_at < time.time() else ""
+        click.echo(f"{info.id:32} {info.subject:24} {info.role:12} {_when(info.expires_at)}{expired}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@config_option
+def tokens_revoke(token_id: str, config_path: str | None) -> None:
+    """Revoke token TOKEN_ID: the API refuses it at once, workers within a second (runs it started fail)."""
+    from orchestrator.identity import TokenBook
+
+    with _errors():
+        redis = _redis()
+        _require(config_path, redis, "admin", "tokens")
+        if not TokenBook(redis, celeryconfig.settings.namespace).revoke(token_id):
+            _fail(f"no token {token_id} (see `mcp-orchestrator tokens list`)")
+    click.echo(f"token {token_id} revoked")
+
+
+@main.command()
+@click.option("--secure", is_flag=True, help="switch access control on: keys, an admin token, an `access:` block")
+@config_option
+@click.option("--subject", default="admin", show_default=True, help="the admin token's subject")
+@click.option("--ttl", default="30d", show_default=True, help="the admin token's lifetime")
+def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
+    """Set up security in one go: the token signing key and vault key ring (mode 0600, under MCPO_HOME), an
+    `access:` section in the configuration, and an admin token, printed once."""
+    from orchestrator.identity import TokenBook, parse_duration
+    from orchestrator.vault import KeyRing
+
+    if not secure:
+        _fail("nothing to do: `mcp-orchestrator init --secure --config FILE` sets up access control")
+    path = Path(config_path or celeryconfig.settings.config or "")
+    if not config_path and not celeryconfig.settings.config:
+        _fail("no configuration: pass --config FILE (created if missing) or set MCPO_CONFIG")
+    with _errors():
+        seconds = parse_duration(ttl)
+        book = TokenBook(_redis(), celeryconfig.settings.namespace)
+        for created, what in ((book.signing.ensure(), f"token signing key {book.signing.path}"),
+                              (KeyRing.from_environment().ensure(), "vault key ring")):  # fmt: skip
+            click.echo(f"{'created' if created else 'kept the existing'} {what}", err=True)
+        data = read_document(path) if path.exists() else None
+        if isinstance(data, dict) and "access" in data:
+            click.echo(f"kept the `access:` section of {path}", err=True)
+        else:
+            with path.open("a") as handle:
+                handle.write("\n# Access control: roles viewer, operator, admin; see README, Access control\n"
+                             "access:\n  enabled: true\n")  # fmt: skip
+            click.echo(f"added an `access:` section to {path}", err=True)
+        load_config(path)
+        token, info = book.issue(subject, "admin", seconds)
+    click.echo(f"admin token {info.id} for {subject}, expires {_when(info.expires_at)}; shown only now:", err=True)
+    click.echo(token)
 
 
 if __name__ == "__main__":

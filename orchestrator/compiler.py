@@ -141,19 +141,21 @@ def _keep_results(signature: Signature) -> None:
         signature.set(ignore_result=False)
 
 
-def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str | None = None) -> Signature:
+def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str | None = None,
+                caller: str | None = None) -> Signature:  # fmt: skip
     """The whole canvas of one run: every step's call, then `mcpo.finish`.
 
-    `after_fallback` names the run this one stands in for: its finish then closes that run too.
+    `after_fallback` names the run this one stands in for: its finish then closes that run too. `caller` is
+    the run's caller token (access control on), carried in every step's message for the worker to check.
     """
     options: dict[str, Any] = {"after_fallback": after_fallback} if after_fallback else {}
     finish = app.signature("mcpo.finish", args=(run_id,), kwargs=options, immutable=True, queue=control_queue())
     return to_canvas(
-        shape(graph), lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id])), finish
+        shape(graph), lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id], caller)), finish
     )
 
 
-def step_call(config: Config, run_id: str, step: PlannedStep) -> StepCall:
+def step_call(config: Config, run_id: str, step: PlannedStep, caller: str | None = None) -> StepCall:
     """The task message of one step: service defaults applied, the data it reads and its fallback resolved."""
     service = config.services[step.service]
     return StepCall(
@@ -171,6 +173,7 @@ def step_call(config: Config, run_id: str, step: PlannedStep) -> StepCall:
         use_stale=step.use_stale,
         retry_tool_errors=step.retry_tool_errors,
         fallback=_fallback(config, step),
+        caller=caller,
     )
 
 
@@ -190,10 +193,14 @@ def _fallback(config: Config, step: PlannedStep) -> dict[str, Any] | None:
 def step_signature(step: StepCall) -> Signature:
     """The signature of one step's call, routed to its service's queue and named `service.tool`.
 
-    Flower and logs show the run, the step and the arguments as written in the workflow (templates, not
-    the values they resolve to), cut short; Celery would otherwise build that text from every field.
+    Flower and logs show `shown(step)`: Celery would otherwise build that text from every field.
     """
-    arguments = json.dumps(step.arguments, separators=(",", ":"), default=str)
-    shown = f"run={step.run_id} step={step.step_id} arguments={arguments[:200]}"
     return app.signature("mcpo.call", kwargs=step.message(), immutable=True, queue=queue_for(step.service),
-                         shadow=f"{step.service}.{step.tool}", argsrepr="()", kwargsrepr=shown)  # fmt: skip
+                         shadow=f"{step.service}.{step.tool}", argsrepr="()", kwargsrepr=shown(step))  # fmt: skip
+
+
+def shown(step: StepCall) -> str:
+    """What Flower and logs show of a step's message: the run, the step and the arguments as written in the
+    workflow (templates, not the values they resolve to), cut short; never its caller token."""
+    arguments = json.dumps(step.arguments, separators=(",", ":"), default=str)
+    return f"run={step.run_id} step={step.step_id} arguments={arguments[:200]}"

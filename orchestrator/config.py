@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.access import AccessSettings
 from orchestrator.breaker import BreakerSettings
 from orchestrator.errors import ConfigError, WorkflowNotFound
 from orchestrator.workflow import Graph, Workflow, plan
@@ -133,6 +134,7 @@ class Config(BaseModel):
     servers: dict[str, Server] = Field(default_factory=dict, alias="mcpServers")
     services: dict[str, Service] = Field(default_factory=dict)
     workflows: dict[str, Workflow] = Field(default_factory=dict)
+    access: AccessSettings | None = None  # absent: access control is off (the embedded default)
     source: str | None = Field(default=None, exclude=True)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -94,3 +94,16 @@ class KeyRingMissing(VaultError):
 
 class SecretUndecryptable(VaultError):
     """A secret's ciphertext does not decrypt under the key ring (a retired or foreign key)."""
+
+
+class PermissionDenied(OrchestratorError):
+    """The caller may not do what was asked (no token, an invalid one, or a role without the permission);
+    the message names subject, action and resource, never the token."""
+
+
+class InvalidToken(PermissionDenied):
+    """A caller token is missing, malformed, wrongly signed, expired, revoked or bound to another run."""
+
+
+class MessageRefused(OrchestratorError):
+    """A task message was not signed by a trusted certificate, or was altered after it was signed."""

@@ -13,9 +13,12 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
+
+import celeryconfig
 
 # A parameter whose name looks like one of these holds a secret: its value never reaches the records.
 SECRET_KEY = re.compile(r"password|passwd|token|secret|key|authorization", re.IGNORECASE)
@@ -89,3 +92,13 @@ def record_operation(redis: Redis, namespace: str, action: str, who: str | None 
 
 def operation_event(action: str, who: str | None = None, **what: Any) -> str:
     return event("operation", action=action, who=who or caller(), **what)
+
+
+def audit_security(redis: Redis, namespace: str) -> Callable[[str, str, dict[str, Any]], None]:
+    """A security-event listener that puts each event in the audit chain (when records are on)."""
+
+    def record(kind: str, subject: str, detail: dict[str, Any]) -> None:
+        if celeryconfig.settings.records:
+            record_operation(redis, namespace, kind, subject, detail=detail)
+
+    return record

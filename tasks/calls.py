@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 from celery.canvas import maybe_signature
 
-from orchestrator.compiler import step_signature
+from orchestrator.compiler import shown, step_signature
 from workers import runtime
 from workers.app import app
 from workers.execution import Reroute, Retry, StepCall, execute_step, finish_run
@@ -21,7 +21,7 @@ def call(self: Task, **message: Any) -> dict[str, Any]:
     outcome = execute_step(runtime.current(), StepCall(**message), self.request.hostname)
     if isinstance(outcome, Retry):
         # Re-sent with a countdown: the backoff waits in the broker, not in a worker slot.
-        raise self.retry(kwargs=outcome.call.message(), countdown=outcome.countdown)
+        raise self.retry(kwargs=outcome.call.message(), countdown=outcome.countdown, kwargsrepr=shown(outcome.call))
     if isinstance(outcome, Reroute):
         # The fallback service's queue takes the call, keeping its place in the canvas.
         raise self.replace(step_signature(outcome.call))

@@ -17,7 +17,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
-from orchestrator.errors import Cancelled, OrchestratorError, ToolError, TransportError, Unavailable
+from orchestrator.errors import Cancelled, OrchestratorError, PermissionDenied, ToolError, TransportError, Unavailable
 from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
@@ -51,6 +51,7 @@ class StepCall:
     deadline: float = 0.0
     attempt_errors: list[dict[str, Any]] = field(default_factory=list)
     fallback_for: dict[str, Any] | None = None  # {service, tool, arguments}: the call this one replaces
+    caller: str | None = None  # the run's caller token (access control on): checked before any MCP traffic
 
     def message(self) -> dict[str, Any]:
         """The task message's kwargs: fields left at their defaults are left out, since a chain's first
@@ -83,6 +84,9 @@ Outcome = StepResult | Retry | Reroute
 def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
     """Run a step's call unless it must not run; record what happened, or say how to go on."""
     store = runtime.store
+    refusal = runtime.guard.refusal(call) if runtime.guard is not None else None
+    if refusal is not None:
+        return _refused(runtime, call, refusal, worker)
     call = _budgeted(call)
     original = call.fallback_for or {"service": call.service, "tool": call.tool}
     result = StepResult(service=original["service"], tool=original["tool"], worker=worker, started_at=call.started_at)
@@ -113,6 +117,18 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
         store.save_step(call.run_id, call.step_id, outcome, pipe)
         pipe.execute()
     return outcome
+
+
+def _refused(runtime: Runtime, call: StepCall, reason: str, worker: str | None) -> StepResult:
+    """Record a step the guard refused as failed, with why; no MCP traffic left. A message for no known run
+    is dropped with the error instead (recording it would create a run's keys)."""
+    runtime.store.status(call.run_id)  # raises RunNotFound
+    now = time.time()
+    result = StepResult(service=call.service, tool=call.tool, worker=worker, status="failed", error=reason,
+                        error_type=PermissionDenied.__name__, started_at=now, finished_at=now,
+                        duration_ms=0.0)  # fmt: skip
+    runtime.store.save_step(call.run_id, call.step_id, result)
+    return result
 
 
 def _budgeted(call: StepCall) -> StepCall:

@@ -14,14 +14,17 @@ from redis import Redis
 import celeryconfig
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
+from orchestrator.events import audit_security
 from orchestrator.flusher import start_flusher
 from orchestrator.health import Health
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
+from orchestrator.security import on_security_event
 from orchestrator.vault import Vault
 from workers.app import app
 from workers.balancer import Balancer
 from workers.credentials import Credentials
+from workers.guard import CallGuard
 from workers.sessions import SessionPool, describe
 
 
@@ -33,6 +36,7 @@ class Runtime:
     balancer: Balancer
     _listener: Any = None
     _flusher: Any = None
+    guard: CallGuard | None = None  # access control on: checks each step's caller token before its MCP call
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
@@ -41,8 +45,10 @@ class Runtime:
         balancer = Balancer(config, store.redis, store.namespace)
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
+        runtime.guard = CallGuard.of(config, store.redis, settings.namespace)
         runtime._listen()
         runtime._flusher = start_flusher(store)
+        on_security_event(audit_security(store.redis, store.namespace))
         return runtime
 
     def check(self, service: str) -> dict[str, Health]:

@@ -1,0 +1,404 @@
+"""Access control end to end: issued and OIDC tokens, the RBAC matrix at the API, and the worker's own check of
+each step message (real Redis, real worker processes, a real MCP server that counts the calls it gets)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+from redis import Redis
+from sqlalchemy import select
+
+from orchestrator import Orchestrator, Workflow, audit, load_config
+from orchestrator.access import AccessControl, AccessSettings
+from orchestrator.errors import InvalidToken, PermissionDenied
+from orchestrator.flusher import Flusher
+from orchestrator.identity import Identity, SigningKey, TokenBook, mint_caller
+from orchestrator.records import RecordStore
+from orchestrator.runs import RunStore
+from orchestrator.tables import AuditRecord
+from workers.app import app, queue_for
+from workers.execution import StepCall
+
+from .conftest import ROOT, RecordsDatabase, WorkerProcesses
+
+ROLES = ("viewer", "operator", "admin")
+
+
+@dataclass
+class Secure:
+    """A configuration with access control on, its worker, and a token of each shipped role."""
+
+    config_path: Path
+    state: Path
+    redis: Redis
+    tokens: dict[str, str]
+    token_ids: dict[str, str]
+    redis_url: str
+    key: bytes
+
+    def orch(self, token: str | None) -> Orchestrator:
+        return Orchestrator(load_config(self.config_path), redis_url=self.redis_url, token=token)
+
+    def calls(self) -> int:
+        calls = self.state.with_suffix(".calls")
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    def pending_run(self, workflow: str) -> str:
+        """A run that exists (as enqueue writes it) but whose messages were never sent."""
+        config = load_config(self.config_path)
+        graph = config.graph(config.workflow(workflow), workflow)
+        run_id = uuid.uuid4().hex
+        store = RunStore(self.redis, _namespace(), 3600)
+        store.write(run_id, store.records(graph, "test", {}))
+        return run_id
+
+
+def _namespace() -> str:
+    import celeryconfig
+
+    return celeryconfig.settings.namespace
+
+
+@pytest.fixture(scope="module")
+def secure(redis_url: str, workers: WorkerProcesses, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+    home = tmp_path_factory.mktemp("secure")
+    state = home / "state.json"
+    config = {
+        "servers": {"guarded": {"command": "python", "args": [str(ROOT / "tests" / "servers" / "faulty.py")],
+                                "env": {"FAULTY_STATE": str(state)}}},
+        "services": {
+            "guarded": {"server": "guarded", "tools": ["work"], "timeout": 20, "retries": 0},
+            "spare": {"server": "guarded", "tools": ["work"]},
+        },
+        "workflows": {
+            "deploy-app": {"steps": [{"id": "work", "service": "guarded", "tool": "work", "parameters": {"x": 1}}]},
+            "other": {"steps": [{"id": "work", "service": "guarded", "tool": "work", "parameters": {"x": 2}}]},
+        },
+        "access": {"enabled": True, "roles": {"deployer": {"permissions": {"run": ["workflow:deploy-*"]}}}},
+    }  # fmt: skip
+    path = home / "secure.yaml"
+    path.write_text(yaml.safe_dump(config))
+    signing = SigningKey.from_environment()  # the key file under MCPO_HOME, which the workers share
+    signing.ensure()
+    redis = Redis.from_url(redis_url)
+    book = TokenBook(redis, _namespace())
+    issued = {role: book.issue(f"{role}-user", role, 3600) for role in (*ROLES, "deployer")}
+    workers.start("guarded", config=path)
+    yield Secure(path, state, redis, {r: t for r, (t, _) in issued.items()}, {r: i.id for r, (_, i) in issued.items()},
+                 redis_url, signing.load())  # fmt: skip
+    redis.close()
+
+
+# What each shipped role may do at the API: viewer reads, operator also runs and cancels, admin does all.
+ALLOWED = {
+    "viewer": {"status", "services", "discover", "health_history"},
+    "operator": {"status", "services", "discover", "health_history", "enqueue", "run", "cancel"},
+    "admin": {"status", "services", "discover", "health_history", "enqueue", "run", "cancel", "register",
+              "deregister"},
+}  # fmt: skip
+OPERATIONS: dict[str, Callable[[Orchestrator, str], Any]] = {
+    "enqueue": lambda o, run_id: o.enqueue("deploy-app").wait(60),
+    "run": lambda o, run_id: o.run("deploy-app", timeout=60),
+    "status": lambda o, run_id: o.status(run_id),
+    "cancel": lambda o, run_id: o.cancel(run_id),
+    "services": lambda o, run_id: o.services(),
+    "discover": lambda o, run_id: o.discover(["guarded"]),
+    "register": lambda o, run_id: o.register("spare", f"extra-{run_id}", "http://127.0.0.1:9/mcp"),
+    "deregister": lambda o, run_id: o.deregister("spare", f"extra-{run_id}"),
+    "health_history": lambda o, run_id: o.health_history("guarded", "guarded"),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+@pytest.mark.parametrize("role", ROLES)
+def test_rbac_matrix_at_the_api(secure: Secure, role: str, operation: str) -> None:
+    run_id = secure.pending_run("deploy-app")
+    with secure.orch(secure.tokens[role]) as orch:
+        if operation == "deregister":  # something to remove, put there by an admin
+            with secure.orch(secure.tokens["admin"]) as admin:
+                admin.register("spare", f"extra-{run_id}", "http://127.0.0.1:9/mcp")
+        if operation in ALLOWED[role]:
+            result = OPERATIONS[operation](orch, run_id)
+            if operation in ("enqueue", "run"):
+                assert result.status == "succeeded", result.errors
+            if operation == "register":
+                orch.deregister("spare", f"extra-{run_id}")
+        else:
+            with pytest.raises(PermissionDenied, match=rf"^permission denied: {role}-user \({role}\) may not "):
+                OPERATIONS[operation](orch, run_id)
+
+
+def test_no_token_or_a_bad_one_is_denied_at_the_api(secure: Secure) -> None:
+    with secure.orch(None) as orch, pytest.raises(InvalidToken, match="no token"):
+        orch.enqueue("deploy-app")
+    forged = jwt.encode({"sub": "mallory", "role": "admin", "jti": "x", "exp": int(time.time()) + 60,
+                         "iss": "mcp-orchestrator", "aud": "mcpo:api"}, b"k" * 32, algorithm="HS256")  # fmt: skip
+    with secure.orch(forged) as orch, pytest.raises(InvalidToken, match="bad signature"):
+        orch.status(secure.pending_run("deploy-app"))
+
+
+def test_custom_role_runs_only_matching_workflows(secure: Secure) -> None:
+    with secure.orch(secure.tokens["deployer"]) as orch:
+        assert orch.run("deploy-app", timeout=60).status == "succeeded"
+        with pytest.raises(PermissionDenied, match=r"deployer-user \(deployer\) may not run on workflow:other$"):
+            orch.run("other", timeout=60)
+        with pytest.raises(PermissionDenied, match="may not enqueue on workflow:deploy-app"):
+            orch.enqueue("deploy-app")
+
+
+def _send(secure: Secure, run_id: str, caller: str | None) -> None:
+    """A step message written straight to the broker, as anyone with access to Redis could."""
+    call = StepCall(run_id=run_id, step_id="work", service="guarded", tool="work", arguments={"x": "forged"},
+                    timeout=20, retries=0, caller=caller)  # fmt: skip
+    app.send_task("mcpo.call", kwargs=call.message(), queue=queue_for("guarded"), kwargsrepr="forged")
+
+
+def _step_after(secure: Secure, run_id: str, timeout: float = 30) -> Any:
+    store = RunStore(secure.redis, _namespace(), 3600)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = store.load(run_id).steps["work"]
+        if step.status not in ("pending", "running"):
+            return step
+        time.sleep(0.05)
+    raise AssertionError(f"step of run {run_id} did not end within {timeout} s")
+
+
+def _caller(secure: Secure, run_id: str, role: str, *, workflow: str = "deploy-app", action: str = "run",
+            ttl: float = 600, parent: str | None = None, key: bytes | None = None) -> str:  # fmt: skip
+    identity = Identity(f"{role}-user", (role,), parent, None, "issued")
+    return mint_caller(key or secure.key, identity, run_id, workflow, action, ttl)
+
+
+CASES: dict[str, tuple[Callable[[Secure, str], str | None], str]] = {
+    "absent": (lambda s, run_id: None, "the message carries no caller token"),
+    "forged": (lambda s, run_id: _caller(s, run_id, "admin", key=b"f" * 32), "invalid caller token (bad signature)"),
+    "viewer": (lambda s, run_id: _caller(s, run_id, "viewer"), "viewer-user may not run on workflow:deploy-app"),
+    "beyond its role": (lambda s, run_id: _caller(s, run_id, "deployer", workflow="other"),
+                        "deployer-user may not run on workflow:other"),
+    "expired": (lambda s, run_id: _caller(s, run_id, "operator", ttl=-60), "invalid caller token (expired)"),
+    "other run": (lambda s, run_id: _caller(s, uuid.uuid4().hex, "operator"), "is bound to another run"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_worker_refuses_a_message_without_a_valid_caller_token(secure: Secure, case: str) -> None:
+    secure.state.write_text(json.dumps({"mode": "ok"}))
+    before = secure.calls()
+    run_id = secure.pending_run("deploy-app")
+    make, reason = CASES[case]
+    _send(secure, run_id, make(secure, run_id))
+    step = _step_after(secure, run_id)
+    assert step.status == "failed" and step.error_type == "PermissionDenied"
+    assert reason in (step.error or "")
+    assert secure.calls() == before  # no MCP traffic left the worker
+
+
+def test_worker_runs_a_message_with_a_valid_caller_token_and_refuses_it_once_revoked(secure: Secure) -> None:
+    book = TokenBook(secure.redis, _namespace())
+    token, info = book.issue("rita", "operator", 600)
+    run_id = secure.pending_run("deploy-app")
+    before = secure.calls()
+    _send(secure, run_id, _caller(secure, run_id, "operator", parent=info.id))
+    assert _step_after(secure, run_id).status == "succeeded"
+    assert secure.calls() == before + 1
+
+    assert book.revoke(info.id)
+    with pytest.raises(InvalidToken, match="revoked"):
+        book.verify(token)
+    time.sleep(1.2)  # workers read the revoked set at most once a second
+    run_id = secure.pending_run("deploy-app")
+    _send(secure, run_id, _caller(secure, run_id, "operator", parent=info.id))
+    step = _step_after(secure, run_id)
+    assert step.status == "failed" and "was revoked" in (step.error or "")
+    assert secure.calls() == before + 1
+
+
+def test_caller_tokens_never_reach_a_log_and_refusals_are_reported(secure: Secure, workers: WorkerProcesses) -> None:
+    with secure.orch(secure.tokens["operator"]) as orch:
+        result = orch.run("deploy-app", timeout=60)
+    assert result.status == "succeeded", result.errors
+    logs = "".join(p.read_text(errors="replace") for p in workers.log_dir.glob("worker-guarded-*.log"))
+    assert "security event" in logs and "call-refused" in logs  # the refusals of the tests above
+    assert not any(token in logs for token in secure.tokens.values())
+    assert ".eyJ" not in logs  # no JWT of any kind, caller tokens included
+
+
+def test_token_issue_verify_revoke_and_expiry(secure: Secure) -> None:
+    book = TokenBook(secure.redis, _namespace())
+    token, info = book.issue("alice", "operator", 600)
+    identity = book.verify(token)
+    assert (identity.subject, identity.roles, identity.token_id) == ("alice", ("operator",), info.id)
+    stored = secure.redis.hget(book.key, info.id) or b""
+    assert token.encode() not in stored and json.loads(stored)["sha256"]  # only the hash is kept
+    assert [i.subject for i in book.list() if i.id == info.id] == ["alice"]
+    assert book.revoke(info.id) and not book.revoke(info.id)
+    with pytest.raises(InvalidToken, match="revoked"):
+        book.verify(token)
+    expired, _ = book.issue("bob", "viewer", -60)
+    with pytest.raises(InvalidToken, match="expired"):
+        book.verify(expired)
+    caller = mint_caller(secure.key, identity, "run", "wf", "run", 60)
+    with pytest.raises(InvalidToken, match="Audience"):
+        book.verify(caller)  # a run's caller token is no API token
+
+
+class Jwks:
+    """A local OIDC provider's JWKS endpoint and its signing key."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = self.key.public_key().public_numbers()
+        self.body = json.dumps({"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256",
+                                          "n": _b64(public.n), "e": _b64(public.e)}]}).encode()  # fmt: skip
+        body = self.body
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+
+    def token(self, key: Any = None, **claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": "https://idp.test", "aud": "mcpo", "sub": "carol", "iat": now, "exp": now + 300, **claims}
+        return jwt.encode(body, key or self.key, algorithm="RS256", headers={"kid": "k1"})
+
+
+def _b64(number: int) -> str:
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.fixture(scope="module")
+def jwks() -> Iterator[Jwks]:
+    provider = Jwks()
+    yield provider
+    provider.server.shutdown()
+
+
+def test_oidc_tokens_are_verified_against_the_jwks_and_claims_map_to_roles(secure: Secure, jwks: Jwks) -> None:
+    settings = AccessSettings.model_validate({
+        "oidc": {"issuer": "https://idp.test", "audience": "mcpo", "jwks_url": jwks.url},
+        "role_claims": {"platform-ops": "operator", "auditors": ["viewer"]},
+    })  # fmt: skip
+    access = AccessControl(settings, secure.redis, _namespace())
+    identity = access.authenticate(jwks.token(groups=["platform-ops", "unrelated"]))
+    assert (identity.subject, identity.roles, identity.source) == ("carol", ("operator",), "oidc")
+    assert access.authenticate(jwks.token(roles=["auditors"])).roles == ("viewer",)
+    access.require(jwks.token(groups=["platform-ops"]), "run", "workflow:deploy-app")
+    with pytest.raises(PermissionDenied, match=r"carol \(no role\) may not read"):
+        access.require(jwks.token(groups=["strangers"]), "read", "workflow:deploy-app")
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(InvalidToken, match="bad signature"):
+        access.authenticate(jwks.token(key=other))
+    with pytest.raises(InvalidToken, match="Audience"):
+        access.authenticate(jwks.token(aud="someone-else"))
+    with pytest.raises(InvalidToken, match="expired"):
+        access.authenticate(jwks.token(exp=int(time.time()) - 60))
+
+
+def test_an_oidc_caller_runs_a_workflow_through_the_worker(secure: Secure, jwks: Jwks, tmp_path: Path) -> None:
+    config = yaml.safe_load(secure.config_path.read_text())
+    config["access"]["oidc"] = {"issuer": "https://idp.test", "audience": "mcpo", "jwks_url": jwks.url}
+    config["access"]["role_claims"] = {"platform-ops": "operator"}
+    path = tmp_path / "oidc.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with Orchestrator(load_config(path), redis_url=secure.redis_url, token=jwks.token(groups=["platform-ops"])) as o:
+        assert o.run("deploy-app", timeout=60).status == "succeeded"
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_cli_denies_with_exit_2_and_never_shows_a_token(secure: Secure, worker_env: dict[str, str]) -> None:
+    config = str(secure.config_path)
+    viewer = {**worker_env, "MCPO_TOKEN": secure.tokens["viewer"]}
+    denied = _cli(viewer, "secrets", "list", "--config", config)
+    assert denied.returncode == 2
+    assert "permission denied: viewer-user (viewer) may not secrets on secret:*" in denied.stderr
+    assert _cli(worker_env, "--token", secure.tokens["viewer"], "keys", "rotate", "--config", config).returncode == 2
+
+    admin = {**worker_env, "MCPO_TOKEN": secure.tokens["admin"]}
+    issued = _cli(
+        admin, "tokens", "issue", "--subject", "dave", "--role", "deployer", "--ttl", "1h", "--config", config
+    )
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    listed = _cli(admin, "tokens", "list", "--config", config)
+    assert listed.returncode == 0 and "dave" in listed.stdout and token not in listed.stdout + listed.stderr
+    assert _cli(viewer, "tokens", "list", "--config", config).returncode == 2
+    token_id = TokenBook(secure.redis, _namespace()).verify(token).token_id or ""
+    revoked = _cli(admin, "tokens", "revoke", token_id, "--config", config)
+    assert revoked.returncode == 0 and token not in revoked.stdout + revoked.stderr
+    ran = _cli({**worker_env, "MCPO_TOKEN": token}, "enqueue", "deploy-app", "--config", config)
+    assert ran.returncode == 2 and "revoked" in ran.stderr and token not in ran.stderr
+
+
+def test_init_secure_sets_up_keys_an_admin_token_and_the_access_section(worker_env: dict[str, str],
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    env = {**worker_env, "MCPO_HOME": str(tmp_path / "home")}
+    config = tmp_path / "services.yaml"
+    config.write_text((ROOT / "tests" / "services.yaml").read_text().replace("servers/", str(ROOT / "tests") + "/"))
+    done = _cli(env, "init", "--secure", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert (tmp_path / "home" / "token.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "home" / "vault.keys").stat().st_mode & 0o777 == 0o600
+    assert load_config(config).access is not None and "testing" in load_config(config).servers
+    assert _cli({**env, "MCPO_TOKEN": token}, "tokens", "list", "--config", str(config)).returncode == 0
+    assert _cli(env, "tokens", "list", "--config", str(config)).returncode == 2  # no token now
+
+
+def test_access_off_is_said_once(worker_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**worker_env, "MCPO_HOME": str(tmp_path / "home")}
+    first = _cli(env, "status", "no-such-run")
+    second = _cli(env, "status", "no-such-run")
+    assert first.returncode == second.returncode == 2
+    assert "access control is off" in first.stderr and "access control is off" not in second.stderr
+
+
+def test_workflow_objects_are_checked_by_their_name(secure: Secure) -> None:
+    workflow = Workflow.model_validate({"id": "deploy-adhoc", "steps": [{"service": "guarded", "tool": "work"}]})
+    with secure.orch(secure.tokens["deployer"]) as orch:
+        assert orch.run(workflow, timeout=60).status == "succeeded"
+    with secure.orch(secure.tokens["viewer"]) as orch, pytest.raises(PermissionDenied, match="workflow:deploy-adhoc"):
+        orch.run(workflow, timeout=60)
+
+
+def test_a_refusal_at_the_worker_goes_on_the_audit_chain(secure: Secure, records_database: RecordsDatabase) -> None:
+    run_id = secure.pending_run("deploy-app")
+    _send(secure, run_id, None)
+    assert _step_after(secure, run_id).error_type == "PermissionDenied"
+    store = RecordStore(records_database.url)
+    Flusher(secure.redis, _namespace(), store).flush(60)
+    with store.session() as session:
+        refused = [row for row in session.scalars(select(AuditRecord).where(AuditRecord.action == "call-refused"))
+                   if run_id in (row.detail or "")]  # fmt: skip
+        assert audit.verify(session)[1] is None  # the chain holds with the refusal in it
+    assert len(refused) == 1 and "no caller token" in (refused[0].detail or "")
