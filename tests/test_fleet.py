@@ -35,26 +35,36 @@ def alive(pid: int) -> bool:
 def test_a_second_worker_shares_the_load_then_shuts_down_gracefully(test_orch: Orchestrator,
                                                                     workers: WorkerProcesses) -> None:  # fmt: skip
     second = workers.start("testing", config=TEST_SERVICES, concurrency=8)
-    # More calls than the first worker's 100 slots: the second takes the rest, with no other change.
-    shared = test_orch.enqueue(fan_out(150, 0.5)).wait(90)
-    assert shared.status == "succeeded"
-    hosts = {step.worker for step in shared.steps.values()}
-    assert len(hosts) == 2
-    name = next(host for host in hosts if host and f"-{second.pid}@" in host)
+    try:
+        # More calls than the first worker's 100 slots: the second takes the rest, with no other change. A worker
+        # answers the broadcast that says it serves the queue a moment before it pulls from it, which on a
+        # loaded machine can outlast one fan-out: up to three.
+        for _ in range(3):
+            shared = test_orch.enqueue(fan_out(150, 1.0)).wait(90)
+            assert shared.status == "succeeded"
+            hosts = {step.worker for step in shared.steps.values()}
+            if len(hosts) == 2:
+                break
+        assert len(hosts) == 2
+        name = next(host for host in hosts if host and f"-{second.pid}@" in host)
 
-    run = test_orch.enqueue(fan_out(12, 3.0))
-    deadline = time.monotonic() + 30
-    while not any(s.worker == name and s.status == "running" for s in run.status().steps.values()):
-        assert time.monotonic() < deadline, "the second worker took no call"
-        time.sleep(0.05)
-    in_flight = [sid for sid, s in run.status().steps.items() if s.worker == name and s.status == "running"]
-    second.send_signal(signal.SIGTERM)  # warm shutdown: in-flight calls finish, then sessions close
-    assert second.wait(60) == 0
-    result: RunResult = run.wait(90)
-    assert result.status == "succeeded", result.errors
-    assert all(result.steps[sid].status == "succeeded" and result.steps[sid].worker == name for sid in in_flight)
-    server_pids = {result.steps[sid].output["pid"] for sid in in_flight}
-    assert server_pids and not any(alive(pid) for pid in server_pids)  # no orphaned MCP server
+        run = test_orch.enqueue(fan_out(12, 3.0))
+        deadline = time.monotonic() + 30
+        while not any(s.worker == name and s.status == "running" for s in run.status().steps.values()):
+            assert time.monotonic() < deadline, "the second worker took no call"
+            time.sleep(0.05)
+        in_flight = [sid for sid, s in run.status().steps.items() if s.worker == name and s.status == "running"]
+        second.send_signal(signal.SIGTERM)  # warm shutdown: in-flight calls finish, then sessions close
+        assert second.wait(60) == 0
+        result: RunResult = run.wait(90)
+        assert result.status == "succeeded", result.errors
+        assert all(result.steps[sid].status == "succeeded" and result.steps[sid].worker == name for sid in in_flight)
+        server_pids = {result.steps[sid].output["pid"] for sid in in_flight}
+        assert server_pids and not any(alive(pid) for pid in server_pids)  # no orphaned MCP server
+    finally:  # a failure here must not leave a second worker taking later tests' calls
+        if second.poll() is None:
+            second.terminate()
+            second.wait(30)
 
 
 def test_rabbitmq_as_broker(worker_env: dict[str, str], tmp_path: Path) -> None:
