@@ -31,7 +31,7 @@ os.environ.setdefault("MCPO_HOME", tempfile.mkdtemp(prefix="mcpo-test-home-"))
 
 from orchestrator import Orchestrator, load_config  # noqa: E402
 from orchestrator.embedded import EmbeddedRedis  # noqa: E402
-from workers.app import queue_for, served_queues, use_broker  # noqa: E402
+from workers.app import app, queue_for, use_broker  # noqa: E402
 
 from .proxy import TcpProxy  # noqa: E402
 
@@ -77,7 +77,7 @@ class WorkerProcesses:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"worker exited with {process.returncode}; see {self.log_dir}")
-            if queues <= served_queues(0.5):
+            if queues <= queues_of(process.pid):
                 return
         raise RuntimeError(f"worker for {queues} did not come up in {timeout} s; see {self.log_dir}")
 
@@ -91,6 +91,13 @@ class WorkerProcesses:
             except subprocess.TimeoutExpired:
                 process.kill()
         self.processes.clear()
+
+
+def queues_of(pid: int) -> set[str]:
+    """The queues the worker process `pid` consumes, by its answer to a broadcast (its name holds its pid): a
+    second worker on a queue another already serves is up only once it answers itself."""
+    replies = app.control.inspect(timeout=0.5).active_queues() or {}
+    return {queue["name"] for name, queues in replies.items() if f"-{pid}@" in name for queue in queues}
 
 
 @pytest.fixture(scope="session")
