@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import celeryconfig
 from orchestrator.access import AccessSettings
 from orchestrator.breaker import BreakerSettings
 from orchestrator.errors import ConfigError, WorkflowNotFound
 from orchestrator.workflow import Graph, Workflow, plan
+from workers.tls import check_verify
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 3
@@ -62,6 +64,13 @@ class HttpServer(BaseModel):
     url: str
     headers: Mapping[str, Value] = Field(default_factory=dict)  # Mapping: a dict[str, str] is one too
     auth: HttpAuth | None = None
+    verify: bool | str = True  # certificate checks: the default CAs, or the CA bundle this path names
+
+    @field_validator("verify")
+    @classmethod
+    def _checks_stay_on(cls, verify: bool | str) -> bool | str:
+        check_verify(verify, celeryconfig.settings.allow_insecure_tls)
+        return verify
 
     @property
     def secret_headers(self) -> dict[str, tuple[str, str]]:
@@ -203,7 +212,8 @@ class Config(BaseModel):
         """The server's settings, with `python` meaning this interpreter and paths relative to the file."""
         spec = self.servers[server]
         if isinstance(spec, HttpServer):
-            return spec
+            verify = spec.verify
+            return spec if isinstance(verify, bool) else spec.model_copy(update={"verify": str(self.base_dir / verify)})
         command = sys.executable if spec.command in ("python", "python3") else spec.command
         cwd = str((self.base_dir / spec.cwd).resolve()) if spec.cwd else str(self.base_dir)
         return spec.model_copy(update={"command": command, "cwd": cwd})
