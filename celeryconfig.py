@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     redis_cert: Path | None = None  # client certificate for rediss://, when Redis asks for one
     redis_key: Path | None = None  # its private key (default: inside redis_cert)
     allow_insecure_tls: bool = False  # lets an HTTP MCP server say `verify: false`
+    max_config_bytes: int = 8 * 1024 * 1024  # a configuration file; workflow files have `limits.workflow_bytes`
 
     def redis_ssl(self, url: str | None) -> dict[str, Any] | None:
         """Celery's `broker_use_ssl` / `redis_backend_use_ssl` for url: None unless it is rediss://."""

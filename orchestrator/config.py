@@ -15,6 +15,7 @@ import celeryconfig
 from orchestrator.access import AccessSettings
 from orchestrator.breaker import BreakerSettings
 from orchestrator.errors import ConfigError, WorkflowNotFound
+from orchestrator.limits import Limits, check_file, check_workflow, load_yaml
 from orchestrator.workflow import Graph, Workflow, plan
 from workers.tls import check_verify
 
@@ -144,6 +145,7 @@ class Config(BaseModel):
     services: dict[str, Service] = Field(default_factory=dict)
     workflows: dict[str, Workflow] = Field(default_factory=dict)
     access: AccessSettings | None = None  # absent: access control is off (the embedded default)
+    limits: Limits = Field(default_factory=Limits)
     source: str | None = Field(default=None, exclude=True)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -178,6 +180,7 @@ class Config(BaseModel):
     def graph(self, workflow: Workflow, name: str, source: str | None = None) -> Graph:
         """Plan a workflow and check every step against the services: the compile-time checks."""
         source = source or self.source
+        check_workflow(workflow, name, self.limits, source)
         graph = plan(workflow, name, source)
         for step in graph.steps:
             self._check_call(step.service, step.tool, step.where, "", source)
@@ -219,9 +222,14 @@ class Config(BaseModel):
         return spec.model_copy(update={"command": command, "cwd": cwd})
 
 
-def read_document(path: str | Path) -> Any:
-    """Parse a YAML or JSON file (JSON is YAML), with the position of a syntax error."""
+def read_document(path: str | Path, max_bytes: int | None = None) -> Any:
+    """Parse a YAML or JSON file (JSON is YAML), with the position of a syntax error; a file over max_bytes
+    (default MCPO_MAX_CONFIG_BYTES) is refused unread. YAML is loaded safely: no tag builds a Python object."""
     path = Path(path)
+    if max_bytes is None:
+        check_file(path, celeryconfig.settings.max_config_bytes, "MCPO_MAX_CONFIG_BYTES")
+    else:
+        check_file(path, max_bytes, "limits.workflow_bytes")
     try:
         text = path.read_text()
     except OSError as exc:
@@ -229,7 +237,7 @@ def read_document(path: str | Path) -> Any:
     try:
         if path.suffix == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return load_yaml(text, str(path))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}", source=str(path)
@@ -281,7 +289,7 @@ def load_config(path: str | Path) -> Config:
 def load_workflow(path: str | Path, config: Config) -> tuple[str, Workflow]:
     """Load a workflow file: one workflow, or a file whose `workflows` holds exactly one."""
     path = Path(path)
-    data = read_document(path)
+    data = read_document(path, config.limits.workflow_bytes)
     if isinstance(data, dict) and "workflows" in data:
         workflows = data["workflows"] or {}
         if len(workflows) != 1:
