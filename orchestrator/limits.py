@@ -24,6 +24,7 @@ from orchestrator.workflow import Step, Workflow
 
 KIB = 1024
 YAML_NODES = 1_000_000  # nodes of a YAML document with its aliases expanded; a 1 MiB file without any has fewer
+YAML_DEPTH = 100  # nesting of a YAML document; deeper ones would exhaust the recursion of whatever walks them
 
 
 class Limits(BaseModel):
@@ -54,25 +55,31 @@ def load_yaml(text: str, source: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        expanded = _expanded_nodes(node, {})
+        expanded = _expanded_nodes(node, {}, YAML_DEPTH, source)
         if expanded > YAML_NODES:
             raise LimitExceeded(
                 f"its YAML aliases expand to {expanded} nodes, over the limit of {YAML_NODES}", source=source
             )
         return loader.construct_document(node)
+    except RecursionError as exc:  # PyYAML's composer recurses per level of nesting
+        raise LimitExceeded(f"YAML nested over {YAML_DEPTH} levels deep", source=source) from exc
     finally:
         loader.dispose()
 
 
-def _expanded_nodes(node: yaml.Node, seen: dict[int, int]) -> int:
+def _expanded_nodes(node: yaml.Node, seen: dict[int, int], depth: int, source: str) -> int:
     # An alias is the same node object as its anchor: counted once per appearance, computed once.
     if id(node) in seen:
         return seen[id(node)]
+    if depth < 0:
+        line = node.start_mark.line + 1
+        raise LimitExceeded(f"YAML nested over {YAML_DEPTH} levels deep (line {line})", source=source)
     count = 1
     if isinstance(node, yaml.SequenceNode):
-        count += sum(_expanded_nodes(item, seen) for item in node.value)
+        count += sum(_expanded_nodes(item, seen, depth - 1, source) for item in node.value)
     elif isinstance(node, yaml.MappingNode):
-        count += sum(_expanded_nodes(key, seen) + _expanded_nodes(value, seen) for key, value in node.value)
+        count += sum(_expanded_nodes(key, seen, depth - 1, source) + _expanded_nodes(value, seen, depth - 1, source)
+                     for key, value in node.value)  # fmt: skip
     seen[id(node)] = count
     return count
 

@@ -94,6 +94,16 @@ def test_expanded_aliases_count_against_the_parameter_bytes(tmp_path: Path) -> N
         load_config(path)
 
 
+def test_deeply_nested_yaml_is_refused(tmp_path: Path) -> None:
+    shallow = {**BASE, "workflows": {"wf": {"steps": [step("a", parameters={"v": [[[["deep enough"]]]]})]}}}
+    assert load_config(write(tmp_path, shallow)).workflows["wf"].steps[0].parameters["v"] == [[[["deep enough"]]]]
+    for depth in (150, 5000):  # past the limit; past Python's recursion limit
+        path = write(tmp_path, f"workflows: {{wf: {{steps: [{{id: a, service: svc, tool: t, parameters: "
+                               f"{{v: {'[' * depth}1{']' * depth}}}}}]}}}}\n", f"deep-{depth}.yaml")  # fmt: skip
+        with pytest.raises(LimitExceeded, match=r"deep-\d+.yaml: YAML nested over 100 levels deep"):
+            load_config(path)
+
+
 def test_long_expressions_name_the_field(tmp_path: Path) -> None:
     long = "params." + "a" * 120
     workflow = {"steps": [step("a", parameters={"nested": {"q": f"find ${{ {long} }} now"}})]}
