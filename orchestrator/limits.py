@@ -34,7 +34,7 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
     workflow_bytes: int = Field(default=1024 * KIB, gt=0)  # a workflow file, read through the configuration
     steps: int = Field(default=1000, gt=0)  # steps of one workflow, parallelSteps included
-    parameter_bytes: int = Field(default=64 * KIB, gt=0)  # a step's parameters, as compact JSON
+    parameter_bytes: int = Field(default=256 * KIB, gt=0)  # a step's parameters, as compact JSON
     expression_chars: int = Field(default=1000, gt=0)  # one `${ }` expression or `when:` condition
 
 

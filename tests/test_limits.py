@@ -50,7 +50,7 @@ def refusal(tmp_path: Path, workflow: dict[str, Any], limits: dict[str, int] | N
 def test_defaults_are_sane_and_a_workflow_within_them_loads(tmp_path: Path) -> None:
     limits = Limits()
     assert (limits.workflow_bytes, limits.steps, limits.parameter_bytes, limits.expression_chars) == (
-        1024 * 1024, 1000, 64 * 1024, 1000)  # fmt: skip
+        1024 * 1024, 1000, 256 * 1024, 1000)  # fmt: skip
     steps = [step(f"s{i}", parameters={"v": "x" * 1000, "e": "${ params.a }"}) for i in range(200)]
     config = load_config(write(tmp_path, {**BASE, "workflows": {"wf": {"steps": steps}}}))
     assert len(config.graph(config.workflows["wf"], "wf").steps) == 200
@@ -89,8 +89,8 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path: Path) -> None
 
 
 def test_expanded_aliases_count_against_the_parameter_bytes(tmp_path: Path) -> None:
-    path = write(tmp_path, bomb(5))  # 100,000 strings: under the node limit, over 64 KiB of parameters
-    with pytest.raises(LimitExceeded, match=r"step 'b' \(steps\[0\]\), field 'parameters': over the limit of 65536"):
+    path = write(tmp_path, bomb(5))  # 100,000 strings: under the node limit, over 256 KiB of parameters
+    with pytest.raises(LimitExceeded, match=r"step 'b' \(steps\[0\]\), field 'parameters': over the limit of 262144"):
         load_config(path)
 
 
