@@ -3,16 +3,20 @@
 REDIS_URL selects a real Redis as broker and result backend; without it the orchestrator starts an
 embedded Redis and sets both URLs itself. MCPO_BROKER_URL may point the broker elsewhere (amqp://).
 DATABASE_URL selects the SQL records store (PostgreSQL in production); without it records go to a SQLite
-file under MCPO_HOME. MCPO_RECORDS=off keeps no records at all.
+file under MCPO_HOME. MCPO_RECORDS=off keeps no records at all. A `rediss://` URL connects with TLS, checking
+the server's certificate against MCPO_REDIS_CA (default: the system CAs), with the client certificate
+MCPO_REDIS_CERT / MCPO_REDIS_KEY when given (see workers/tls.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.tls import redis_ssl
 from workers.transport import transport_for
 
 
@@ -31,6 +35,15 @@ class Settings(BaseSettings):
     worker_concurrency: int = 100
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "MCPO_DATABASE_URL"))
     records: bool = True
+    redis_ca: Path | None = None  # CA bundle for rediss:// (broker, result backend, run state)
+    redis_cert: Path | None = None  # client certificate for rediss://, when Redis asks for one
+    redis_key: Path | None = None  # its private key (default: inside redis_cert)
+    allow_insecure_tls: bool = False  # lets an HTTP MCP server say `verify: false`
+    max_config_bytes: int = 8 * 1024 * 1024  # a configuration file; workflow files have `limits.workflow_bytes`
+
+    def redis_ssl(self, url: str | None) -> dict[str, Any] | None:
+        """Celery's `broker_use_ssl` / `redis_backend_use_ssl` for url: None unless it is rediss://."""
+        return redis_ssl(url or "", self.redis_ca, self.redis_cert, self.redis_key) or None
 
     @property
     def records_url(self) -> str:
@@ -43,6 +56,9 @@ settings = Settings()
 broker_url = settings.broker_url or settings.redis_url
 broker_transport = transport_for(broker_url or "")
 result_backend = settings.redis_url
+# Without these kombu would connect to rediss:// without checking the certificate (its default is CERT_NONE).
+broker_use_ssl = settings.redis_ssl(broker_url)
+redis_backend_use_ssl = settings.redis_ssl(result_backend)
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]

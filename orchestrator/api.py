@@ -9,8 +9,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from redis import Redis
-
 import celeryconfig
 from orchestrator.access import AccessControl, enabled
 from orchestrator.compiler import compile_run
@@ -32,6 +30,7 @@ from workers.app import app, control_queue, queue_for, release_result_subscripti
 from workers.balancer import Balancer
 from workers.inprocess import InProcessWorker
 from workers.signing import use_signing
+from workers.tls import connect_redis
 
 CALLER_GRACE = 600.0  # seconds a run's step messages may wait in queues beyond the steps' own budgets
 
@@ -97,7 +96,7 @@ class Orchestrator:
             use_broker(url, self._broker_url)
             use_signing(self.config)
             settings = celeryconfig.settings
-            self._store = RunStore(Redis.from_url(url), settings.namespace, settings.run_ttl)
+            self._store = RunStore(connect_redis(url), settings.namespace, settings.run_ttl)
             self._flusher = start_flusher(self._store)
             self._audit_security = audit_security(self._store.redis, settings.namespace)
             on_security_event(self._audit_security)

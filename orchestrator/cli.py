@@ -25,6 +25,7 @@ from orchestrator.errors import BrokerError, ConfigError, OrchestratorError, Per
 from orchestrator.progress import follow
 from orchestrator.records import RecordStore, describe
 from orchestrator.results import RunResult
+from workers.tls import connect_redis
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 
@@ -343,14 +344,12 @@ def _serve(config: Config, services: list[str], concurrency: int, loglevel: str)
 
 def _vault() -> Any:
     """The vault of this namespace, on REDIS_URL or the embedded Redis."""
-    from redis import Redis
-
     from orchestrator.embedded import EmbeddedRedis
     from orchestrator.vault import Vault
 
     settings = celeryconfig.settings
     url = settings.redis_url or EmbeddedRedis(settings.home).start()
-    return Vault(Redis.from_url(url), settings.namespace)
+    return Vault(connect_redis(url), settings.namespace)
 
 
 @main.group()
@@ -555,14 +554,12 @@ def upgrade() -> None:
 
 def _redis() -> Any:
     """A client of REDIS_URL or the embedded Redis."""
-    from redis import Redis
-
     from orchestrator.embedded import EmbeddedRedis
     from orchestrator.events import audit_security
     from orchestrator.security import on_security_event
 
     settings = celeryconfig.settings
-    redis = Redis.from_url(settings.redis_url or EmbeddedRedis(settings.home).start())
+    redis = connect_redis(settings.redis_url or EmbeddedRedis(settings.home).start())
     on_security_event(audit_security(redis, settings.namespace))  # token issues and revocations go on record
     return redis
 

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import celeryconfig
 from orchestrator.access import AccessSettings
 from orchestrator.breaker import BreakerSettings
 from orchestrator.errors import ConfigError, WorkflowNotFound
+from orchestrator.limits import Limits, check_file, check_workflow, load_yaml
 from orchestrator.workflow import Graph, Workflow, plan
+from workers.tls import check_verify
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 3
@@ -62,6 +65,13 @@ class HttpServer(BaseModel):
     url: str
     headers: Mapping[str, Value] = Field(default_factory=dict)  # Mapping: a dict[str, str] is one too
     auth: HttpAuth | None = None
+    verify: bool | str = True  # certificate checks: the default CAs, or the CA bundle this path names
+
+    @field_validator("verify")
+    @classmethod
+    def _checks_stay_on(cls, verify: bool | str) -> bool | str:
+        check_verify(verify, celeryconfig.settings.allow_insecure_tls)
+        return verify
 
     @property
     def secret_headers(self) -> dict[str, tuple[str, str]]:
@@ -135,6 +145,7 @@ class Config(BaseModel):
     services: dict[str, Service] = Field(default_factory=dict)
     workflows: dict[str, Workflow] = Field(default_factory=dict)
     access: AccessSettings | None = None  # absent: access control is off (the embedded default)
+    limits: Limits = Field(default_factory=Limits)
     source: str | None = Field(default=None, exclude=True)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -169,6 +180,7 @@ class Config(BaseModel):
     def graph(self, workflow: Workflow, name: str, source: str | None = None) -> Graph:
         """Plan a workflow and check every step against the services: the compile-time checks."""
         source = source or self.source
+        check_workflow(workflow, name, self.limits, source)
         graph = plan(workflow, name, source)
         for step in graph.steps:
             self._check_call(step.service, step.tool, step.where, "", source)
@@ -203,15 +215,21 @@ class Config(BaseModel):
         """The server's settings, with `python` meaning this interpreter and paths relative to the file."""
         spec = self.servers[server]
         if isinstance(spec, HttpServer):
-            return spec
+            verify = spec.verify
+            return spec if isinstance(verify, bool) else spec.model_copy(update={"verify": str(self.base_dir / verify)})
         command = sys.executable if spec.command in ("python", "python3") else spec.command
         cwd = str((self.base_dir / spec.cwd).resolve()) if spec.cwd else str(self.base_dir)
         return spec.model_copy(update={"command": command, "cwd": cwd})
 
 
-def read_document(path: str | Path) -> Any:
-    """Parse a YAML or JSON file (JSON is YAML), with the position of a syntax error."""
+def read_document(path: str | Path, max_bytes: int | None = None) -> Any:
+    """Parse a YAML or JSON file (JSON is YAML), with the position of a syntax error; a file over max_bytes
+    (default MCPO_MAX_CONFIG_BYTES) is refused unread. YAML is loaded safely: no tag builds a Python object."""
     path = Path(path)
+    if max_bytes is None:
+        check_file(path, celeryconfig.settings.max_config_bytes, "MCPO_MAX_CONFIG_BYTES")
+    else:
+        check_file(path, max_bytes, "limits.workflow_bytes")
     try:
         text = path.read_text()
     except OSError as exc:
@@ -219,7 +237,7 @@ def read_document(path: str | Path) -> Any:
     try:
         if path.suffix == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return load_yaml(text, str(path))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}", source=str(path)
@@ -271,7 +289,7 @@ def load_config(path: str | Path) -> Config:
 def load_workflow(path: str | Path, config: Config) -> tuple[str, Workflow]:
     """Load a workflow file: one workflow, or a file whose `workflows` holds exactly one."""
     path = Path(path)
-    data = read_document(path)
+    data = read_document(path, config.limits.workflow_bytes)
     if isinstance(data, dict) and "workflows" in data:
         workflows = data["workflows"] or {}
         if len(workflows) != 1:

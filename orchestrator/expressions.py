@@ -84,6 +84,13 @@ def _step_names(node: Any) -> Iterator[str]:
         yield from _step_names(child)
 
 
+def expressions(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every `${ }` expression in value's strings, with the field path that holds it (not parsed)."""
+    for text, path in _walk_strings(value, where):
+        for _, _, expression in _spans(text, path):
+            yield expression, path
+
+
 def references(value: Any, where: str) -> dict[str, str]:
     """Map each step id that templates in value read to the place (field path) that reads it.
 

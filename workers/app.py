@@ -32,7 +32,9 @@ def served_queues(timeout: float = 1.0) -> set[str]:
 def use_broker(url: str, broker_url: str | None = None) -> None:
     """Point this process's app at a Redis (result backend) and a broker (Redis unless given)."""
     broker = broker_url or url
-    app.conf.update(broker_url=broker, broker_transport=transport_for(broker), result_backend=url)
+    tls = celeryconfig.settings.redis_ssl
+    app.conf.update(broker_url=broker, broker_transport=transport_for(broker), result_backend=url,
+                    broker_use_ssl=tls(broker), redis_backend_use_ssl=tls(url))  # fmt: skip
 
 
 def release_result_subscriptions() -> None:

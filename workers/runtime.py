@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery.signals import worker_shutdown
-from redis import Redis
 
 import celeryconfig
 from orchestrator.config import Config, load_config
@@ -26,6 +25,7 @@ from workers.balancer import Balancer
 from workers.credentials import Credentials
 from workers.guard import CallGuard
 from workers.sessions import SessionPool, describe
+from workers.tls import connect_redis
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Runtime:
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
         settings = celeryconfig.settings
-        store = RunStore(Redis.from_url(redis_url), settings.namespace, settings.run_ttl)
+        store = RunStore(connect_redis(redis_url), settings.namespace, settings.run_ttl)
         balancer = Balancer(config, store.redis, store.namespace)
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)

@@ -37,6 +37,7 @@ from orchestrator.errors import (
     VaultError,
 )
 from workers.credentials import Credentials, SecretAuth
+from workers.tls import server_verify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,7 +158,10 @@ class Connection:
                 self._credentials.current(secret)
             self.auth = SecretAuth(self.name, secret_headers, self._credentials) if secret_headers else None
             http = httpx2.AsyncClient(
-                headers=self.spec.plain_headers, auth=self.auth, timeout=httpx2.Timeout(30.0, read=300.0)
+                headers=self.spec.plain_headers,
+                auth=self.auth,
+                timeout=httpx2.Timeout(30.0, read=300.0),
+                verify=server_verify(self.spec.verify),
             )
             return streamable_http_client(self.spec.url, http_client=http)
         env, self._versions = self._credentials.environment(self.spec)
