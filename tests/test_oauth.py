@@ -27,6 +27,7 @@ from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.config import HttpServer, parse_config
 from orchestrator.errors import ConfigError
 from orchestrator.vault import KeyRing, Vault
+from workers.app import app, queue_for
 from workers.oauth import REFRESH_SHARE, StoredToken, VaultTokenStorage
 
 from .conftest import WorkerProcesses, free_port, wait_for_port
@@ -130,6 +131,7 @@ class OAuthFleet:
     issuer: str
     secret: str
     logs: list[Path]
+    worker_logs: list[Path]
 
     def stats(self) -> dict[str, int]:
         result: dict[str, int] = httpx2.get(f"{self.issuer}/stats").json()
@@ -139,6 +141,15 @@ class OAuthFleet:
         steps = [{"id": f"call-{i}", "service": "protected", "tool": tool, "parameters": parameters,
                   "depends_on": []} for i in range(width)]  # fmt: skip
         return self.orch.enqueue(Workflow.model_validate({"id": f"oauth-{width}", "steps": steps}))
+
+
+def wait_for_workers(queue: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replies = app.control.inspect(timeout=0.5).active_queues() or {}
+        if sum(any(q["name"] == queue for q in queues) for queues in replies.values()) >= count:
+            return
+    raise RuntimeError(f"fewer than {count} workers serve {queue} after {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +185,16 @@ def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
     pool = WorkerProcesses(env, workers.log_dir)
     pool.start("protected", config=path, concurrency=20)
     pool.start("protected", config=path, concurrency=20)
+    wait_for_workers(queue_for("protected"), 2)
     with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
-        yield OAuthFleet(orchestrator, vault, issuer, secret, [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"])
+        yield OAuthFleet(
+            orchestrator,
+            vault,
+            issuer,
+            secret,
+            [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"],
+            [pool.log_dir / f"worker-protected-{n}.log" for n in range(2)],
+        )
     pool.stop()
     VaultTokenStorage(vault, "protected", "").clear()
     for server in servers:
@@ -198,6 +217,7 @@ def test_a_long_run_across_two_workers_asks_for_one_token_per_expiry(fleet: OAut
     assert runs >= 5
     assert 4 <= requests <= expected + 1, (requests, expected)
     assert fleet.stats()["refused"] == 0
+    assert all(b"received" in log.read_bytes() for log in fleet.worker_logs)  # both workers took calls
 
 
 def test_a_token_refused_before_its_expiry_is_replaced_once_for_the_fleet(fleet: OAuthFleet) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import math
 import secrets
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ class Issuer:
         if form.get("grant_type") != "client_credentials":
             return JSONResponse({"error": "unsupported_grant_type"}, status_code=400)
         token = secrets.token_urlsafe(24)
-        self.tokens[token] = time.time() + self.lifetime
+        self.tokens[token] = math.ceil(time.time() + self.lifetime)  # introspection reports whole seconds
         return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": self.lifetime,
                              "scope": form.get("scope") or "mcp"})  # fmt: skip
 

@@ -21,10 +21,13 @@ class Introspection:
 
     def __init__(self, issuer: str) -> None:
         self.endpoint = f"{issuer}/introspect"
+        self._client: httpx2.AsyncClient | None = None
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        async with httpx2.AsyncClient() as client:
-            answer = (await client.post(self.endpoint, data={"token": token})).json()
+        # One client for all checks: building one per request is slow enough under a fan-out that tokens
+        # would expire while their requests wait to be checked.
+        self._client = self._client or httpx2.AsyncClient()
+        answer = (await self._client.post(self.endpoint, data={"token": token})).json()
         if not answer.get("active"):
             return None
         return AccessToken(token=token, client_id=answer["client_id"], scopes=answer["scope"].split(),
