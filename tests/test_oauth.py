@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import jwt
 import pytest
 import yaml
 from cryptography.fernet import Fernet
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from mcp.shared.auth import OAuthToken
 from redis import Redis
 
@@ -28,7 +31,9 @@ from orchestrator.config import HttpServer, parse_config
 from orchestrator.errors import ConfigError
 from orchestrator.vault import KeyRing, Vault
 from workers.app import app, queue_for
+from workers.credentials import Credentials
 from workers.oauth import REFRESH_SHARE, StoredToken, VaultTokenStorage
+from workers.sessions import Connection
 
 from .conftest import WorkerProcesses, free_port, wait_for_port
 from .test_vault import SERVERS, canary, no_failed_call, redis_values
@@ -125,6 +130,96 @@ def test_a_token_falls_due_before_it_expires_and_is_sent_until_shortly_before() 
 
 
 @dataclass
+class Authorization:
+    """The authorization server and the MCP server it protects, with the client's credentials."""
+
+    issuer: str
+    url: str
+    secret: str
+    private_key: str  # PEM; the issuer trusts its public half for client assertions and identity assertions
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx2.get(f"{self.issuer}/stats").json()
+        return result
+
+    def identity_assertion(self) -> str:
+        """An ID-JAG as an enterprise IdP would issue it for this MCP server (SEP-990 leg 1)."""
+        now = int(time.time())
+        claims = {"iss": "https://idp.example.com", "sub": "alice", "aud": self.issuer, "client_id": "fleet",
+                  "resource": self.url, "iat": now, "exp": now + 600, "jti": uuid.uuid4().hex}  # fmt: skip
+        return jwt.encode(claims, self.private_key, algorithm="RS256")
+
+
+@pytest.fixture(scope="module")
+def authorization(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Authorization]:
+    home = tmp_path_factory.mktemp("oauth-servers")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    (home / "public.pem").write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    secret = canary()
+    (home / "secret").write_text(secret)
+    issuer_port, server_port = free_port(), free_port()
+    issuer = f"http://127.0.0.1:{issuer_port}"
+    servers = [
+        subprocess.Popen([sys.executable, str(SERVERS / "issuer.py"), "--port", str(issuer_port), "--client-id",
+                          "fleet", "--secret-file", str(home / "secret"), "--lifetime", str(LIFETIME),
+                          "--public-key", str(home / "public.pem")]),
+        subprocess.Popen([sys.executable, str(SERVERS / "protected.py"), "--port", str(server_port),
+                          "--issuer", issuer]),
+    ]  # fmt: skip
+    wait_for_port(issuer_port)
+    wait_for_port(server_port)
+    yield Authorization(issuer, f"http://127.0.0.1:{server_port}/mcp", secret, private)
+    for server in servers:
+        server.terminate()
+        server.wait(10)
+
+
+GRANTS = {
+    "client_credentials": ({"client_secret": {"secret": "client-secret"}}, "client_credentials client_secret"),
+    "private_key_jwt": ({"private_key": {"secret": "client-key"}}, "client_credentials private_key_jwt"),
+    "identity_assertion": (
+        {"client_secret": {"secret": "client-secret"}, "assertion": {"secret": "id-jag"}},
+        "urn:ietf:params:oauth:grant-type:jwt-bearer client_secret",
+    ),
+}
+
+
+@pytest.mark.parametrize("grant", sorted(GRANTS))
+def test_each_grant_gets_one_token_for_two_connections_through_the_sdk(
+    grant: str, authorization: Authorization, vault: Vault
+) -> None:
+    vault.set("client-secret", authorization.secret)
+    vault.set("client-key", authorization.private_key)
+    vault.set("id-jag", authorization.identity_assertion())
+    credentials, expected = GRANTS[grant]
+    oauth = {"grant": grant, "client_id": "fleet", "issuer": authorization.issuer, **credentials}
+    spec = parse_config({"servers": {"p": {"url": authorization.url, "auth": {"oauth": oauth}}}}).servers["p"]
+    before = authorization.stats()["grants"]
+    # Two connections with their own FleetOAuth, as two workers would have: the second finds the first's token.
+    answers = asyncio.run(call_each(spec, Credentials(vault), Credentials(vault)))
+    assert [answer["value"] for answer in answers] == [0, 1]
+    after = authorization.stats()["grants"]
+    assert {name: count - before.get(name, 0) for name, count in after.items() if count != before.get(name, 0)} == {
+        expected: 1
+    }
+
+
+async def call_each(spec: Any, *credentials: Credentials) -> list[dict[str, Any]]:
+    answers = []
+    for number, each in enumerate(credentials):
+        connection = Connection("p", spec, sys.stderr, each)
+        try:
+            async with connection.use() as (client, _):
+                result = await client.call_tool("echo", {"value": number})
+                assert not result.is_error, result
+                answers.append(json.loads(result.content[0].text))  # type: ignore[union-attr]
+        finally:
+            await connection.close()
+    return answers
+
+
+@dataclass
 class OAuthFleet:
     orch: Orchestrator
     vault: Vault
@@ -153,30 +248,18 @@ def wait_for_workers(queue: str, count: int, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
+def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str], authorization: Authorization,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthFleet]:  # fmt: skip
     home = tmp_path_factory.mktemp("oauth-fleet")
     env = {**worker_env, "MCPO_VAULT_KEY_FILE": str(home / "vault.keys")}
     ring = KeyRing(path=home / "vault.keys")
     ring.ensure()
     vault = Vault(Redis.from_url(redis_url), celeryconfig.settings.namespace, ring)
-    secret = canary()
-    vault.set("oauth-client-secret", secret)
-    (home / "secret").write_text(secret)
-    issuer_port, server_port = free_port(), free_port()
-    issuer = f"http://127.0.0.1:{issuer_port}"
-    servers = [
-        subprocess.Popen([sys.executable, str(SERVERS / "issuer.py"), "--port", str(issuer_port), "--client-id",
-                          "fleet", "--secret-file", str(home / "secret"), "--lifetime", str(LIFETIME)]),
-        subprocess.Popen([sys.executable, str(SERVERS / "protected.py"), "--port", str(server_port),
-                          "--issuer", issuer]),
-    ]  # fmt: skip
-    wait_for_port(issuer_port)
-    wait_for_port(server_port)
-    oauth = {"grant": "client_credentials", "client_id": "fleet", "issuer": issuer,
+    vault.set("oauth-client-secret", authorization.secret)
+    oauth = {"grant": "client_credentials", "client_id": "fleet", "issuer": authorization.issuer,
              "client_secret": {"secret": "oauth-client-secret"}}  # fmt: skip
     config = {
-        "servers": {"protected": {"url": f"http://127.0.0.1:{server_port}/mcp", "auth": {"oauth": oauth}}},
+        "servers": {"protected": {"url": authorization.url, "auth": {"oauth": oauth}}},
         "services": {"protected": {"server": "protected", "retries": 0}},
     }
     path = home / "oauth.yaml"
@@ -186,24 +269,17 @@ def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
     pool.start("protected", config=path, concurrency=20)
     pool.start("protected", config=path, concurrency=20)
     wait_for_workers(queue_for("protected"), 2)
+    logs = [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"]
+    worker_logs = [pool.log_dir / f"worker-protected-{n}.log" for n in range(2)]
     with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
-        yield OAuthFleet(
-            orchestrator,
-            vault,
-            issuer,
-            secret,
-            [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"],
-            [pool.log_dir / f"worker-protected-{n}.log" for n in range(2)],
-        )
+        yield OAuthFleet(orchestrator, vault, authorization.issuer, authorization.secret, logs, worker_logs)
     pool.stop()
     VaultTokenStorage(vault, "protected", "").clear()
-    for server in servers:
-        server.terminate()
-        server.wait(10)
+    vault.remove("oauth-client-secret")  # sealed under this module's key ring, which later tests do not hold
 
 
 def test_a_long_run_across_two_workers_asks_for_one_token_per_expiry(fleet: OAuthFleet) -> None:
-    before = fleet.stats()["token_requests"]
+    before, refused = fleet.stats()["token_requests"], fleet.stats()["refused"]
     started = time.monotonic()
     runs = 0
     while time.monotonic() - started < 5 * LIFETIME:  # outlives several tokens
@@ -216,7 +292,7 @@ def test_a_long_run_across_two_workers_asks_for_one_token_per_expiry(fleet: OAut
     expected = elapsed / (LIFETIME * (1 - REFRESH_SHARE)) + 1
     assert runs >= 5
     assert 4 <= requests <= expected + 1, (requests, expected)
-    assert fleet.stats()["refused"] == 0
+    assert fleet.stats()["refused"] == refused
     assert all(b"received" in log.read_bytes() for log in fleet.worker_logs)  # both workers took calls
 
 
