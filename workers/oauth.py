@@ -279,10 +279,9 @@ class FleetOAuth(httpx2.Auth):
         return request
 
     def _note(self, response: httpx2.Response) -> None:
-        refused = response.status_code in (401, 403)
-        self.rejected = f"the OAuth token of client '{self.settings.client_id}' (HTTP {response.status_code})"
-        if not refused:
-            self.rejected = None
+        status = response.status_code
+        refused = status in (401, 403)
+        self.rejected = f"the OAuth token of client '{self.settings.client_id}' (HTTP {status})" if refused else None
 
     def _add_secret_headers(self, request: httpx2.Request) -> None:
         for header, (secret, prefix) in self.spec.secret_headers.items():
