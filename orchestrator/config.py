@@ -34,11 +34,56 @@ class SecretRef(BaseModel):
 Value = str | SecretRef
 
 
-class HttpAuth(BaseModel):
-    """`auth: {bearer: {secret: NAME}}`: an `Authorization: Bearer <secret>` header on every request."""
+class OAuthSettings(BaseModel):
+    """`auth: {oauth: {...}}`: OAuth 2.1 through the MCP SDK's providers, its tokens kept in the vault and
+    shared by every worker. The token endpoint comes from the issuer's metadata (RFC 8414), and credentials
+    go to no other authorization server than `issuer`."""
 
     model_config = ConfigDict(extra="forbid")
-    bearer: SecretRef
+    grant: Literal["client_credentials", "private_key_jwt", "identity_assertion"]
+    client_id: str = Field(min_length=1)
+    issuer: str = Field(pattern=r"^https?://[^/\s]+", description="the authorization server's issuer URL")
+    client_secret: SecretRef | None = None
+    private_key: SecretRef | None = None  # private_key_jwt: a PEM key that signs each client assertion
+    assertion: SecretRef | None = None  # a JWT obtained elsewhere (workload identity, an enterprise IdP's ID-JAG)
+    algorithm: str = "RS256"
+    scopes: list[str] = Field(default_factory=list)
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    refresh_before: float = Field(default=60.0, gt=0)  # seconds before expiry; at most a quarter of the lifetime
+
+    @model_validator(mode="after")
+    def _credentials_fit_the_grant(self) -> OAuthSettings:
+        given = {name for name in ("client_secret", "private_key", "assertion") if getattr(self, name) is not None}
+        needed = {
+            "client_credentials": ({"client_secret"},),
+            "private_key_jwt": ({"private_key"}, {"assertion"}),
+            "identity_assertion": ({"client_secret", "assertion"},),
+        }[self.grant]
+        if given not in needed:
+            choices = " or ".join(" and ".join(sorted(option)) for option in needed)
+            raise ValueError(f"grant '{self.grant}' takes {choices} (each a {{secret: NAME}}), no other credential")
+        return self
+
+    @property
+    def secrets(self) -> list[str]:
+        """Names of the vault secrets the grant reads."""
+        refs = (self.client_secret, self.private_key, self.assertion)
+        return sorted({ref.secret for ref in refs if ref is not None})
+
+
+class HttpAuth(BaseModel):
+    """`auth: {bearer: {secret: NAME}}`: an `Authorization: Bearer <secret>` header on every request;
+    `auth: {oauth: {...}}`: an OAuth access token, obtained and refreshed once for the whole fleet."""
+
+    model_config = ConfigDict(extra="forbid")
+    bearer: SecretRef | None = None
+    oauth: OAuthSettings | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> HttpAuth:
+        if (self.bearer is None) == (self.oauth is None):
+            raise ValueError("give 'bearer' or 'oauth', exactly one of them")
+        return self
 
 
 class StdioServer(BaseModel):
@@ -77,9 +122,13 @@ class HttpServer(BaseModel):
     def secret_headers(self) -> dict[str, tuple[str, str]]:
         """Headers whose value comes from the vault: name -> (secret, prefix before the value)."""
         headers = {name: (value.secret, "") for name, value in self.headers.items() if isinstance(value, SecretRef)}
-        if self.auth is not None:
+        if self.auth is not None and self.auth.bearer is not None:
             headers["Authorization"] = (self.auth.bearer.secret, "Bearer ")
         return headers
+
+    @property
+    def oauth(self) -> OAuthSettings | None:
+        return self.auth.oauth if self.auth is not None else None
 
     @property
     def plain_headers(self) -> dict[str, str]:

@@ -177,6 +177,14 @@ class Vault:
             raise SecretNotFound(f"secret '{name}' has no version {version}")
         return version, self._decrypt(name, stored["token"].encode())
 
+    def seal(self, value: str) -> str:
+        """Encrypt a value kept outside the secrets hash (an OAuth token) under the vault's ring."""
+        return (self._fernet or self._reload()).encrypt(value.encode()).decode()
+
+    def unseal(self, what: str, token: str) -> str:
+        """Decrypt what `seal` encrypted; `what` names it in the error, which never holds the value."""
+        return self._decrypt(what, token.encode())
+
     def versions(self, names: list[str]) -> dict[str, int]:
         """The current version of each named secret (0 for one that is gone), in one round trip."""
         raw = self.redis.hmget(self.key, names) if names else []

@@ -45,6 +45,12 @@ class Credentials:
             self._values[name] = (version, value, time.monotonic())
         return version, value
 
+    @property
+    def vault(self) -> Vault:
+        if self._vault is None:
+            raise VaultError("OAuth tokens are kept in the vault, but this process has no vault")
+        return self._vault
+
     def versions(self, names: list[str]) -> dict[str, int]:
         """The current version of each secret, re-read at most once per FRESH_FOR seconds."""
         known, at = self._versions

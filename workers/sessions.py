@@ -37,6 +37,7 @@ from orchestrator.errors import (
     VaultError,
 )
 from workers.credentials import Credentials, SecretAuth
+from workers.oauth import FleetOAuth
 from workers.tls import server_verify
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Connection:
         self._versions: dict[str, int] = {}  # the secret versions the open stdio server was started with
         self._in_use: dict[int, int] = {}  # calls in flight, by generation
         self._draining: dict[int, tuple[asyncio.Event, asyncio.Task[None] | None]] = {}
-        self.auth: SecretAuth | None = None
+        self.auth: SecretAuth | FleetOAuth | None = None
 
     @property
     def alive(self) -> bool:
@@ -156,7 +157,10 @@ class Connection:
             secret_headers = self.spec.secret_headers
             for secret, _ in secret_headers.values():
                 self._credentials.current(secret)
-            self.auth = SecretAuth(self.name, secret_headers, self._credentials) if secret_headers else None
+            if self.spec.oauth is not None:
+                self.auth = FleetOAuth(self.name, self.spec, self._credentials)
+            else:
+                self.auth = SecretAuth(self.name, secret_headers, self._credentials) if secret_headers else None
             http = httpx2.AsyncClient(
                 headers=self.spec.plain_headers,
                 auth=self.auth,
