@@ -25,6 +25,7 @@ from orchestrator.records import RecordStore
 from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
+from orchestrator.sealing import hide_run, open_run
 from orchestrator.security import Listener, off_security_event, on_security_event
 from orchestrator.workflow import Graph, Workflow
 from workers import runtime
@@ -43,9 +44,11 @@ class Run:
         self.id = run_id
         self._orchestrator = orchestrator
 
-    def status(self) -> RunResult:
+    def status(self, reveal: bool = True) -> RunResult:
+        """The run so far; `reveal=False` shows sealed (sensitive) values as `[sealed]` instead of opening them."""
         # The handle of a run is its starter's: it reads the run without a `read` permission of its own.
-        return self._orchestrator.store.load(self.id)
+        result = self._orchestrator.store.load(self.id)
+        return open_run(result) if reveal else hide_run(result)
 
     def wait(self, timeout: float | None = None, poll: float = 0.05) -> RunResult:
         """Block until the run ends; raises RunTimeout after `timeout` seconds."""
@@ -198,8 +201,9 @@ class Orchestrator:
                 source=self.config.source,
             )
 
-    def status(self, run_id: str) -> RunResult:
-        """A run's result so far, by id, from any process; from the SQL records once Redis forgot it."""
+    def status(self, run_id: str, reveal: bool = True) -> RunResult:
+        """A run's result so far, by id, from any process; from the SQL records once Redis forgot it.
+        `reveal=False`: sealed (sensitive) values shown as `[sealed]` rather than opened."""
         try:
             result = self.store.load(run_id)
         except RunNotFound:
@@ -207,7 +211,7 @@ class Orchestrator:
                 raise
             result = self.records.load(run_id)
         self._allow("read", f"workflow:{result.workflow}")
-        return result
+        return open_run(result) if reveal else hide_run(result)
 
     @property
     def access(self) -> AccessControl | None:
