@@ -127,7 +127,11 @@ class Orchestrator:
         params = {**definition.params, **(params or {})}
         sign = self._caller_tokens(caller, action)
         who = caller.subject if caller is not None else who
-        fallback = self._fallback_run(definition.fallback, run_id, params, sign) if definition.fallback else None
+        fallback = (
+            self._fallback_run(definition.fallback, run_id, params, sign, graph.sensitive)
+            if definition.fallback
+            else None
+        )
         store.write(run_id, store.records(graph, definition.version(), params, fallback, who=who))
         compile_run(self.config, run_id, graph, caller=sign(run_id, name, graph)).apply_async()
         return Run(self, run_id)
@@ -263,14 +267,19 @@ class Orchestrator:
         return str(workflow), self.config.workflow(str(workflow))
 
     def _fallback_run(self, name: str, run_id: str, params: dict[str, Any],
-                      sign: Callable[[str, str, Graph], str | None]) -> dict[str, Any]:  # fmt: skip
+                      sign: Callable[[str, str, Graph], str | None],
+                      sensitive: bool = False) -> dict[str, Any]:  # fmt: skip
         """A fallback workflow's run, compiled now, while the whole configuration is at hand: the worker
-        that finds the run failed only stores it and starts its canvas."""
+        that finds the run failed only stores it and starts its canvas. The fallback of a run that holds
+        sensitive data runs sensitive: it gets the same params."""
         workflow = self.config.workflow(name)
+        version = workflow.version()  # the workflow as configured, though it runs sensitive
+        if sensitive:
+            workflow = workflow.model_copy(update={"sensitive": True})
         graph = self.config.graph(workflow, name)
         self._ensure_workers({s.service for s in graph.steps})
         child_id = uuid.uuid4().hex
-        records = RunStore.records(graph, workflow.version(), {**workflow.params, **params})
+        records = RunStore.records(graph, version, {**workflow.params, **params})
         canvas = compile_run(self.config, child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph))
         return {"run_id": child_id, "records": records, "canvas": dict(canvas)}
 

@@ -1,7 +1,7 @@
 """The canary: one unique value is an HTTP server's bearer token (a vault secret), a stdio server's env value
 (a vault secret) and a `sensitive` parameter. Workflows run with it — sealed ones, failing ones whose tool
 quotes its arguments in the error, a refused token, a crashed server — on workers logging at DEBUG. Then no
-sink holds it: not one Redis key or value, records row, worker log line, CLI output or Flower answer."""
+sink holds it: not one Flower task, Redis key or value, records row, worker log line, CLI output or Flower answer."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class Canary:
     env: dict[str, str]
     logs: list[Path]
     tokens: Path
+    flower: int  # Flower's port
     runs: list[str]
 
     def run(self, steps: list[dict[str, Any]], **fields: Any) -> RunResult:
@@ -86,8 +87,20 @@ def canary(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
     logs.mkdir()
     pool = WorkerProcesses(env, logs)
     pool.start("guarded", "carrier", config=path, loglevel="DEBUG")
-    with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
-        yield Canary(value, orchestrator, path, env, [logs, Path(env["MCPO_HOME"]) / "logs"], tokens, [])
+    flower_port = free_port()
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={flower_port}",
+                               "--address=127.0.0.1"], env={**env, "FLOWER_UNAUTHENTICATED_API": "true"}, cwd=ROOT,
+                              stdout=(logs / "flower.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for_port(flower_port, 60)
+        with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
+            found = Canary(value, orchestrator, path, env, [logs, Path(env["MCPO_HOME"]) / "logs"], tokens,
+                           flower_port, [])  # fmt: skip
+            watch_flower(found)
+            yield found
+    finally:
+        flower.terminate()
+        flower.wait(30)
     pool.stop()
     server.terminate()
     server.wait(10)
@@ -140,14 +153,18 @@ def test_readers_see_sensitive_data_while_no_sink_holds_the_canary(
     revealed = cli_output(canary, worker_env, "status", canary.runs[0], "--json", "--reveal")
     assert value in revealed, "a reader asking to reveal sees plaintext"
 
+    flower = flower_tasks(canary.flower)
+    shown = [task for task in flower.values() if any(run_id in (task.get("kwargs") or "") for run_id in canary.runs)]
+    assert len(shown) >= 6 and any("arguments=[sealed]" in task["kwargs"] for task in shown), "Flower saw the runs"
     found = {
+        "flower": json.dumps(flower).count(value),
         "redis": sum(value.encode() in blob for blob in redis_blobs(redis_url)),
         "records": sum(value in row for row in records),
         "logs": {path.name: log.count(value.encode()) for path, log in worker_logs(canary).items()},
         "cli": sum(value in text for text in cli),
     }
     found["logs"] = {name: count for name, count in found["logs"].items() if count}  # type: ignore[union-attr]
-    assert found == {"redis": 0, "records": 0, "logs": {}, "cli": 0}
+    assert found == {"flower": 0, "redis": 0, "records": 0, "logs": {}, "cli": 0}
 
 
 def wait_for_records(canary: Canary, timeout: float = 60) -> list[str]:
@@ -201,6 +218,20 @@ def cli_output(canary: Canary, env: dict[str, str], command: str, run_id: str, *
     return done.stdout + done.stderr
 
 
-def flower_tasks(port: int) -> str:
+def flower_tasks(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tasks", timeout=10) as answer:
-        return json.dumps(json.load(answer))
+        return dict(json.load(answer))
+
+
+def watch_flower(canary: Canary, timeout: float = 60) -> None:
+    """Return once Flower sees the workers' task events (it switches them on when it starts): every later
+    call then shows in its API."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = canary.orch.enqueue(Workflow.model_validate({"steps": [
+            {"service": "carrier", "tool": "echo", "parameters": {"value": "flower probe"}}]}))  # fmt: skip
+        assert probe.wait(60).status == "succeeded"
+        time.sleep(0.5)
+        if any(probe.id in (task.get("kwargs") or "") for task in flower_tasks(canary.flower).values()):
+            return
+    raise AssertionError("Flower did not show the workers' calls")
