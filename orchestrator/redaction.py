@@ -15,18 +15,20 @@ from collections.abc import Iterable
 from typing import Any
 
 REDACTED = "[redacted]"
-SHORTEST = 6  # shorter values would redact ordinary words; a secret is longer than this
-KEEP = 4096  # known values kept, the oldest forgotten first: a long-lived worker must not grow without bound
+SHORTEST = 8  # shorter values would redact ordinary words; a secret is longer than this
+KEEP = 1024  # known values kept, the oldest forgotten first: a long-lived worker must not grow without bound
 
 PATTERNS = (
     # `Authorization: Bearer x`, `"cookie": "x"`, `(b'authorization', b'x')`: the header's name stays.
     re.compile(
         r"(?i)((?:proxy-)?authorization|set-cookie|cookie|x-api-key|api-key)"
-        r"(['\"]?\s*(?:[:=]|,\s*b?)\s*b?['\"]?)([^'\"\r\n]+)"
+        r"(['\"]?\s*[:=,]\s*(?:b?['\"])?)([^'\"\r\n]+)"
     ),
     re.compile(r"(?i)\b(bearer|basic)(\s+)([A-Za-z0-9._~+/=-]{6,})"),
     re.compile(r"()()\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # a JWT: header.payload.signature
 )
+
+CUES = ("authorization", "cookie", "api-key", "bearer", "basic", "eyj")  # a line that PATTERNS can match holds one
 
 
 class Known:
@@ -74,8 +76,10 @@ def redact(text: str) -> str:
     known = KNOWN.pattern()
     if known is not None:
         text = known.sub(REDACTED, text)
-    for pattern in PATTERNS:
-        text = pattern.sub(lambda match: f"{match.group(1)}{match.group(2)}{REDACTED}", text)
+    lower = text.lower()
+    if any(word in lower for word in CUES):  # most lines hold none: the patterns would scan them for nothing
+        for pattern in PATTERNS:
+            text = pattern.sub(lambda match: f"{match.group(1)}{match.group(2)}{REDACTED}", text)
     return text
 
 

@@ -75,18 +75,19 @@ def canary(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
     wait_for_port(port)
     config = {
         "servers": {
-            "guarded": {"url": f"http://127.0.0.1:{port}/mcp", "auth": {"bearer": {"secret": "canary-token"}}},
-            "carrier": {"command": "python", "args": [str(SERVERS / "testing.py")],
+            "canary-http": {"url": f"http://127.0.0.1:{port}/mcp", "auth": {"bearer": {"secret": "canary-token"}}},
+            "canary-stdio": {"command": "python", "args": [str(SERVERS / "testing.py")],
                         "env": {"CANARY_VALUE": {"secret": "canary-env"}}},
         },
-        "services": {"guarded": {"server": "guarded", "retries": 0}, "carrier": {"server": "carrier", "retries": 1}},
+        "services": {"canary-http": {"server": "canary-http", "retries": 0},
+                     "canary-stdio": {"server": "canary-stdio", "retries": 1}},
     }  # fmt: skip
     path = home / "canary.yaml"
     path.write_text(yaml.safe_dump(config))
     logs = home / "worker-logs"
     logs.mkdir()
     pool = WorkerProcesses(env, logs)
-    pool.start("guarded", "carrier", config=path, loglevel="DEBUG")
+    pool.start("canary-http", "canary-stdio", config=path, loglevel="DEBUG")
     flower_port = free_port()
     flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={flower_port}",
                                "--address=127.0.0.1"], env={**env, "FLOWER_UNAUTHENTICATED_API": "true"}, cwd=ROOT,
@@ -101,6 +102,8 @@ def canary(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
     finally:
         flower.terminate()
         flower.wait(30)
+        for name in ("canary-token", "canary-env"):  # the namespace's vault is shared: other rings rotate it
+            vault.remove(name)
     pool.stop()
     server.terminate()
     server.wait(10)
@@ -111,10 +114,11 @@ def test_readers_see_sensitive_data_while_no_sink_holds_the_canary(
 ) -> None:
     value = canary.value
     sealed = canary.run([
-        {"id": "env", "service": "carrier", "tool": "getenv", "parameters": {"name": "CANARY_VALUE"}, "depends_on": []},
-        {"id": "echo", "service": "carrier", "tool": "echo", "depends_on": ["env"],
+        {"id": "env", "service": "canary-stdio", "tool": "getenv", "parameters": {"name": "CANARY_VALUE"},
+         "depends_on": []},
+        {"id": "echo", "service": "canary-stdio", "tool": "echo", "depends_on": ["env"],
          "parameters": {"value": "${ params.pin }", "label": "${ steps.env.output.value }"}},
-        {"id": "http", "service": "guarded", "tool": "echo", "parameters": {"value": "${ params.pin }"},
+        {"id": "http", "service": "canary-http", "tool": "echo", "parameters": {"value": "${ params.pin }"},
          "depends_on": ["env"], "use_stale": 60},
     ], sensitive=True, output={"seen": "${ steps.echo.output.value }"})  # fmt: skip
     # Readers with the ring see plaintext: the canary did travel, sealed, through every sink checked below.
@@ -123,10 +127,10 @@ def test_readers_see_sensitive_data_while_no_sink_holds_the_canary(
     assert sealed.steps["env"].output["value"] == value and sealed.steps["echo"].output["label"] == value
     assert sealed.steps["http"].output["value"] == value
     failing = canary.run([
-        {"id": "plain", "service": "carrier", "tool": "echo", "parameters": {"value": "plain"}, "depends_on": []},
-        {"id": "reject", "service": "carrier", "tool": "reject", "parameters": {"value": "${ params.pin }"},
+        {"id": "plain", "service": "canary-stdio", "tool": "echo", "parameters": {"value": "plain"}, "depends_on": []},
+        {"id": "reject", "service": "canary-stdio", "tool": "reject", "parameters": {"value": "${ params.pin }"},
          "sensitive": True, "retry_tool_errors": True, "depends_on": []},
-        {"id": "crash", "service": "carrier", "tool": "crash", "parameters": {"note": "${ params.pin }"},
+        {"id": "crash", "service": "canary-stdio", "tool": "crash", "parameters": {"note": "${ params.pin }"},
          "sensitive": True, "depends_on": ["reject"]},
     ])  # fmt: skip
     assert failing.status == "failed" and failing.steps["plain"].output["value"] == "plain"
@@ -136,12 +140,12 @@ def test_readers_see_sensitive_data_while_no_sink_holds_the_canary(
     assert any(value in error.message for error in failing.errors)
     canary.tokens.write_text("nobody-has-this-token\n")
     try:
-        refused = canary.run([{"id": "refused", "service": "guarded", "tool": "echo", "sensitive": True,
+        refused = canary.run([{"id": "refused", "service": "canary-http", "tool": "echo", "sensitive": True,
                                "parameters": {"value": "${ params.pin }"}}])  # fmt: skip
     finally:
         canary.tokens.write_text(f"{value}\n")
     assert refused.status == "failed" and refused.steps["refused"].error_type == "CredentialRejected"
-    crashed = canary.run([{"id": "crash", "service": "carrier", "tool": "crash", "sensitive": True,
+    crashed = canary.run([{"id": "crash", "service": "canary-stdio", "tool": "crash", "sensitive": True,
                            "parameters": {"note": "${ params.pin }"}}])  # fmt: skip
     assert crashed.status == "failed" and crashed.steps["crash"].attempts == 2
 
@@ -229,7 +233,7 @@ def watch_flower(canary: Canary, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         probe = canary.orch.enqueue(Workflow.model_validate({"steps": [
-            {"service": "carrier", "tool": "echo", "parameters": {"value": "flower probe"}}]}))  # fmt: skip
+            {"service": "canary-stdio", "tool": "echo", "parameters": {"value": "flower probe"}}]}))  # fmt: skip
         assert probe.wait(60).status == "succeeded"
         time.sleep(0.5)
         if any(probe.id in (task.get("kwargs") or "") for task in flower_tasks(canary.flower).values()):

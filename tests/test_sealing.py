@@ -139,6 +139,7 @@ def test_the_log_filter_redacts_known_secrets_headers_tokens_and_tracebacks(
     logger.debug("headers: {'Authorization': 'Bearer %s', 'Cookie': 'session=%s'}", bearer, bearer)
     logger.info("raw header tuple (b'authorization', b'Basic %s')", bearer)
     logger.warning("token %s", jwt)
+    logger.debug("Authorization: Bearer %s", bearer)
     try:
         raise ValueError(f"rejected {secret}")
     except ValueError:
@@ -147,5 +148,6 @@ def test_the_log_filter_redacts_known_secrets_headers_tokens_and_tracebacks(
     text = stream.getvalue()
     for value in (secret, bearer, jwt):
         assert value not in text
-    assert "'Authorization': '[redacted]'" in text and "ValueError: rejected [redacted]" in text
+    assert "'Authorization': '[redacted]'" in text and "Authorization: [redacted]" in text
+    assert "ValueError: rejected [redacted]" in text
     assert "Traceback" in text and "an ordinary line" in text and text.count("[redacted]") >= 6
