@@ -23,6 +23,7 @@ from orchestrator.records import RecordStore
 from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
+from orchestrator.sealing import hide_run, open_run
 from orchestrator.security import Listener, off_security_event, on_security_event
 from orchestrator.workflow import Graph, Workflow
 from workers import runtime
@@ -42,9 +43,11 @@ class Run:
         self.id = run_id
         self._orchestrator = orchestrator
 
-    def status(self) -> RunResult:
+    def status(self, reveal: bool = True) -> RunResult:
+        """The run so far; `reveal=False` shows sealed (sensitive) values as `[sealed]` instead of opening them."""
         # The handle of a run is its starter's: it reads the run without a `read` permission of its own.
-        return self._orchestrator.store.load(self.id)
+        result = self._orchestrator.store.load(self.id)
+        return open_run(result) if reveal else hide_run(result)
 
     def wait(self, timeout: float | None = None, poll: float = 0.05) -> RunResult:
         """Block until the run ends; raises RunTimeout after `timeout` seconds."""
@@ -123,7 +126,11 @@ class Orchestrator:
         params = {**definition.params, **(params or {})}
         sign = self._caller_tokens(caller, action)
         who = caller.subject if caller is not None else who
-        fallback = self._fallback_run(definition.fallback, run_id, params, sign) if definition.fallback else None
+        fallback = (
+            self._fallback_run(definition.fallback, run_id, params, sign, graph.sensitive)
+            if definition.fallback
+            else None
+        )
         store.write(run_id, store.records(graph, definition.version(), params, fallback, who=who))
         compile_run(self.config, run_id, graph, caller=sign(run_id, name, graph)).apply_async()
         return Run(self, run_id)
@@ -197,8 +204,9 @@ class Orchestrator:
                 source=self.config.source,
             )
 
-    def status(self, run_id: str) -> RunResult:
-        """A run's result so far, by id, from any process; from the SQL records once Redis forgot it."""
+    def status(self, run_id: str, reveal: bool = True) -> RunResult:
+        """A run's result so far, by id, from any process; from the SQL records once Redis forgot it.
+        `reveal=False`: sealed (sensitive) values shown as `[sealed]` rather than opened."""
         try:
             result = self.store.load(run_id)
         except RunNotFound:
@@ -206,7 +214,7 @@ class Orchestrator:
                 raise
             result = self.records.load(run_id)
         self._allow("read", f"workflow:{result.workflow}")
-        return result
+        return open_run(result) if reveal else hide_run(result)
 
     @property
     def access(self) -> AccessControl | None:
@@ -258,14 +266,19 @@ class Orchestrator:
         return str(workflow), self.config.workflow(str(workflow))
 
     def _fallback_run(self, name: str, run_id: str, params: dict[str, Any],
-                      sign: Callable[[str, str, Graph], str | None]) -> dict[str, Any]:  # fmt: skip
+                      sign: Callable[[str, str, Graph], str | None],
+                      sensitive: bool = False) -> dict[str, Any]:  # fmt: skip
         """A fallback workflow's run, compiled now, while the whole configuration is at hand: the worker
-        that finds the run failed only stores it and starts its canvas."""
+        that finds the run failed only stores it and starts its canvas. The fallback of a run that holds
+        sensitive data runs sensitive: it gets the same params."""
         workflow = self.config.workflow(name)
+        version = workflow.version()  # the workflow as configured, though it runs sensitive
+        if sensitive:
+            workflow = workflow.model_copy(update={"sensitive": True})
         graph = self.config.graph(workflow, name)
         self._ensure_workers({s.service for s in graph.steps})
         child_id = uuid.uuid4().hex
-        records = RunStore.records(graph, workflow.version(), {**workflow.params, **params})
+        records = RunStore.records(graph, version, {**workflow.params, **params})
         canvas = compile_run(self.config, child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph))
         return {"run_id": child_id, "records": records, "canvas": dict(canvas)}
 

@@ -17,7 +17,7 @@ import click
 import yaml
 
 import celeryconfig
-from orchestrator import audit
+from orchestrator import audit, redaction
 from orchestrator.api import Orchestrator
 from orchestrator.compiler import shape
 from orchestrator.config import Config, load_config, parse_config, read_document
@@ -130,6 +130,7 @@ params_option = click.option("--params", "params_json", metavar="JSON|@FILE", he
 @click.option("--token", envvar="MCPO_TOKEN", default=None, help="the caller's token (default: $MCPO_TOKEN)")
 def main(token: str | None) -> None:
     """Run workflows over MCP servers on Celery workers."""
+    redaction.install()
     if token:
         os.environ["MCPO_TOKEN"] = token  # the API reads the token where MCPO_TOKEN would give it
 
@@ -141,15 +142,16 @@ def main(token: str | None) -> None:
 @params_option
 @click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
 @click.option("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+@click.option("--reveal", is_flag=True, help="show sensitive values (sealed ones) instead of [sealed]")
 def run(workflow: str, config_path: str | None, pairs: tuple[str, ...], params_json: str | None, as_json: bool,
-        timeout: float | None) -> None:  # fmt: skip
+        timeout: float | None, reveal: bool) -> None:  # fmt: skip
     """Run WORKFLOW (a name in the configuration or a workflow file), showing each step, then its result."""
     with _errors():
         config = _config(config_path, workflow)
         with Orchestrator(config) as orchestrator:
             handle = orchestrator.enqueue(_workflow_name(config, workflow), _params(pairs, params_json))
             click.echo(f"run {handle.id} enqueued", err=True)
-            result = follow(handle.status, sys.stderr, timeout)
+            result = follow(lambda: handle.status(reveal), sys.stderr, timeout)
             if not result.done:
                 raise RunTimeout(
                     f"run {handle.id} did not finish within {timeout:g} s; see: mcp-orchestrator status {handle.id}"
@@ -177,11 +179,12 @@ def enqueue(workflow: str, config_path: str | None, pairs: tuple[str, ...], para
 @click.argument("run_id")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
-def status(run_id: str, config_path: str | None, as_json: bool) -> None:
+@click.option("--reveal", is_flag=True, help="show sensitive values (sealed ones) instead of [sealed]")
+def status(run_id: str, config_path: str | None, as_json: bool, reveal: bool) -> None:
     """Show a run by id."""
     with _errors():
         with Orchestrator(_config_or_empty(config_path)) as orchestrator:
-            result = orchestrator.status(run_id)
+            result = orchestrator.status(run_id, reveal)
         _print_result(result, as_json)
     sys.exit(0 if result.status in ("succeeded", "pending", "running") else EXIT_FAILED)
 
@@ -491,10 +494,11 @@ def runs(workflow: str | None, status: str | None, since: str | None, limit: int
 @main.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
-def show(run_id: str, as_json: bool) -> None:
+@click.option("--reveal", is_flag=True, help="show sensitive values (sealed ones) instead of [sealed]")
+def show(run_id: str, as_json: bool, reveal: bool) -> None:
     """A run and each of its steps, from Redis while it holds the run, then from the records."""
     with _errors(), Orchestrator(parse_config({})) as orchestrator:
-        result = orchestrator.status(run_id)
+        result = orchestrator.status(run_id, reveal)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
         return

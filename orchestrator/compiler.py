@@ -18,6 +18,7 @@ from celery.canvas import Signature, _chord
 
 from orchestrator.config import Config
 from orchestrator.expressions import references
+from orchestrator.sealing import SHOWN, sealer
 from orchestrator.workflow import Graph, PlannedStep
 from workers.app import app, control_queue, queue_for
 from workers.execution import StepCall
@@ -151,19 +152,23 @@ def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str |
     options: dict[str, Any] = {"after_fallback": after_fallback} if after_fallback else {}
     finish = app.signature("mcpo.finish", args=(run_id,), kwargs=options, immutable=True, queue=control_queue())
     return to_canvas(
-        shape(graph), lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id], caller)), finish
+        shape(graph),
+        lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id], caller, graph.sensitive)),
+        finish,
     )
 
 
-def step_call(config: Config, run_id: str, step: PlannedStep, caller: str | None = None) -> StepCall:
-    """The task message of one step: service defaults applied, the data it reads and its fallback resolved."""
+def step_call(config: Config, run_id: str, step: PlannedStep, caller: str | None = None,
+              opens: bool = False) -> StepCall:  # fmt: skip
+    """The task message of one step: service defaults applied, the data it reads and its fallback resolved;
+    a sensitive step's arguments sealed. `opens`: the run holds sealed data the worker must open to read."""
     service = config.services[step.service]
     return StepCall(
         run_id=run_id,
         step_id=step.id,
         service=step.service,
         tool=step.tool,
-        arguments=step.parameters,
+        arguments=sealer(create=True).seal(step.parameters) if step.sensitive else step.parameters,
         timeout=step.timeout or service.timeout,
         retries=service.retries if step.retries is None else step.retries,
         depends_on=list(step.depends_on),
@@ -174,6 +179,8 @@ def step_call(config: Config, run_id: str, step: PlannedStep, caller: str | None
         retry_tool_errors=step.retry_tool_errors,
         fallback=_fallback(config, step),
         caller=caller,
+        sensitive=step.sensitive,
+        opens=opens,
     )
 
 
@@ -181,10 +188,11 @@ def _fallback(config: Config, step: PlannedStep) -> dict[str, Any] | None:
     if step.fallback is None:
         return None
     service = config.services[step.fallback.service]
+    arguments = step.parameters if step.fallback.parameters is None else step.fallback.parameters
     return {
         "service": step.fallback.service,
         "tool": step.fallback.tool or step.tool,
-        "arguments": step.parameters if step.fallback.parameters is None else step.fallback.parameters,
+        "arguments": sealer(create=True).seal(arguments) if step.sensitive else arguments,
         "timeout": service.timeout,
         "retries": service.retries,
     }
@@ -201,6 +209,7 @@ def step_signature(step: StepCall) -> Signature:
 
 def shown(step: StepCall) -> str:
     """What Flower and logs show of a step's message: the run, the step and the arguments as written in the
-    workflow (templates, not the values they resolve to), cut short; never its caller token."""
-    arguments = json.dumps(step.arguments, separators=(",", ":"), default=str)
+    workflow (templates, not the values they resolve to), cut short; never its caller token, nor a sensitive
+    step's arguments."""
+    arguments = SHOWN if step.sensitive else json.dumps(step.arguments, separators=(",", ":"), default=str)
     return f"run={step.run_id} step={step.step_id} arguments={arguments[:200]}"

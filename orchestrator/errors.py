@@ -101,6 +101,10 @@ class SecretUndecryptable(VaultError):
     """A secret's ciphertext does not decrypt under the key ring (a retired or foreign key)."""
 
 
+class SealedDataUnreadable(OrchestratorError):
+    """Sealed data (a sensitive step's arguments, output or errors) does not open under this process's data key ring."""
+
+
 class PermissionDenied(OrchestratorError):
     """The caller may not do what was asked (no token, an invalid one, or a role without the permission);
     the message names subject, action and resource, never the token."""

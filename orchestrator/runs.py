@@ -23,6 +23,7 @@ import celeryconfig
 from orchestrator import events
 from orchestrator.errors import RunNotFound
 from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
+from orchestrator.sealing import seal_params
 from orchestrator.workflow import Graph
 
 # Ends a run unless it already ended: the first terminal status wins (a cancel over a late finish).
@@ -81,7 +82,10 @@ class RunStore:
             "sinks": graph.sinks(),
             "output": graph.output,
             "fallback": fallback,
+            "sensitive": graph.sensitive,
         }
+        if graph.sensitive:
+            params = seal_params(params)
         fields = {"workflow": graph.name, "version": version, "status": "pending", "params": json.dumps(params),
                   "plan": json.dumps(plan), "who": who or events.caller()}  # fmt: skip
         if fallback:

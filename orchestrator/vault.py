@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis import Redis
 
 import celeryconfig
-from orchestrator import events
+from orchestrator import events, redaction
 from orchestrator.errors import KeyRingMissing, SecretNotFound, SecretUndecryptable, VaultError
 
 KEEP_VERSIONS = 5  # older versions are dropped: a rotation needs the new one, history needs a few
@@ -175,7 +175,9 @@ class Vault:
         stored = entry["versions"].get(str(version))
         if stored is None:
             raise SecretNotFound(f"secret '{name}' has no version {version}")
-        return version, self._decrypt(name, stored["token"].encode())
+        value = self._decrypt(name, stored["token"].encode())
+        redaction.remember(value)  # this process holds it now: no log line of it may show it
+        return version, value
 
     def seal(self, value: str) -> str:
         """Encrypt a value kept outside the secrets hash (an OAuth token) under the vault's ring."""

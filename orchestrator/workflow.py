@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -45,6 +45,7 @@ class Step(BaseModel):
     optional: bool = False
     use_stale: float | None = Field(default=None, gt=0)
     retry_tool_errors: bool = False
+    sensitive: bool = False  # arguments, output and errors sealed end to end (orchestrator/sealing.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +69,7 @@ class Workflow(BaseModel):
     fallback: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     output: Any = None
+    sensitive: bool = False  # every step sensitive, and the run's params and output sealed
 
     def version(self) -> str:
         """A short hash of the definition: two runs of the same version ran the same workflow."""
@@ -92,6 +94,7 @@ class PlannedStep:
     optional: bool = False
     use_stale: float | None = None
     retry_tool_errors: bool = False
+    sensitive: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,11 @@ class Graph:
 
     def __post_init__(self) -> None:
         self.index.update({step.id: step for step in self.steps})
+
+    @property
+    def sensitive(self) -> bool:
+        """Whether the run's params and output are sealed: some step handles sensitive data."""
+        return any(step.sensitive for step in self.steps)
 
     def ancestors(self, step_id: str) -> set[str]:
         seen: set[str] = set()
@@ -129,7 +137,25 @@ def plan(workflow: Workflow, name: str, source: str | None = None) -> Graph:
     graph = Graph(name=name, steps=tuple(steps), output=workflow.output)
     _check_cycles(graph, where, source)
     _check_references(graph, where, source)
-    return graph
+    return _tainted(graph, workflow.sensitive)
+
+
+def _tainted(graph: Graph, everything: bool) -> Graph:
+    """The graph with every step sensitive that is marked so, or whose workflow is, or that reads a sensitive
+    step's output: what a step computes from sealed data is kept sealed too."""
+    sensitive = {step.id for step in graph.steps if step.sensitive or everything}
+    changed = True
+    while changed:
+        changed = False
+        for step in graph.steps:
+            reads = references({"parameters": step.parameters, "when": step.when}, "")
+            if step.id not in sensitive and sensitive & set(reads):
+                sensitive.add(step.id)
+                changed = True
+    if not sensitive:
+        return graph
+    steps = tuple(replace(step, sensitive=step.id in sensitive) for step in graph.steps)
+    return Graph(name=graph.name, steps=steps, output=graph.output)
 
 
 def _plan_dag(workflow: Workflow, where: str, source: str | None) -> list[PlannedStep]:
@@ -223,6 +249,7 @@ def _planned(step: Step, step_id: str, depends_on: tuple[str, ...], where: str) 
         optional=step.optional,
         use_stale=step.use_stale,
         retry_tool_errors=step.retry_tool_errors,
+        sensitive=step.sensitive,
     )
 
 

@@ -61,9 +61,10 @@ class WorkerProcesses:
         self.log_dir = log_dir
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *services: str, config: Path = SERVICES, concurrency: int = 100) -> subprocess.Popen[bytes]:
+    def start(self, *services: str, config: Path = SERVICES, concurrency: int = 100,
+              loglevel: str = "INFO") -> subprocess.Popen[bytes]:  # fmt: skip
         args = [sys.executable, "-m", "orchestrator.cli", "worker", "--config", str(config), "--concurrency",
-                str(concurrency), "--loglevel", "INFO"]  # fmt: skip
+                str(concurrency), "--loglevel", loglevel]  # fmt: skip
         for service in services:
             args += ["--service", service]
         log = open(self.log_dir / f"worker-{'+'.join(services)}-{len(self.processes)}.log", "wb")  # noqa: SIM115

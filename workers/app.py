@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger
 
 import celeryconfig
 from workers.transport import transport_for
@@ -11,6 +15,18 @@ app = Celery("mcp_orchestrator", include=["tasks.calls"])
 app.config_from_object(celeryconfig)
 # Canvas messages are rebuilt in the worker against the default app: it must be this one.
 app.set_default()
+
+
+def _redact_logs(logger: logging.Logger, **_: Any) -> None:
+    """Every handler a worker logs through redacts secrets, DEBUG included (Celery's task logger does not
+    propagate to the root's handlers, so it gets the filter too)."""
+    from orchestrator import redaction  # here: importing the orchestrator package imports this module
+
+    redaction.install(logger)
+
+
+after_setup_logger.connect(_redact_logs, weak=False)
+after_setup_task_logger.connect(_redact_logs, weak=False)
 
 
 def queue_for(service: str) -> str:

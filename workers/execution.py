@@ -21,6 +21,7 @@ from orchestrator.errors import Cancelled, OrchestratorError, PermissionDenied, 
 from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
+from orchestrator.sealing import open_params, open_result, open_run, seal_errors, seal_result, sealer
 from workers.balancer import Lease
 from workers.runtime import Runtime
 
@@ -35,7 +36,7 @@ class StepCall:
     step_id: str
     service: str
     tool: str
-    arguments: dict[str, Any]
+    arguments: dict[str, Any] | str  # a sensitive step's are sealed (orchestrator/sealing.py)
     timeout: float
     retries: int
     depends_on: list[str] = field(default_factory=list)
@@ -52,6 +53,8 @@ class StepCall:
     attempt_errors: list[dict[str, Any]] = field(default_factory=list)
     fallback_for: dict[str, Any] | None = None  # {service, tool, arguments}: the call this one replaces
     caller: str | None = None  # the run's caller token (access control on): checked before any MCP traffic
+    sensitive: bool = False  # arguments sealed; the worker seals the output and errors too
+    opens: bool = False  # the run holds sealed data (params, outputs of sensitive steps) that this step may read
 
     def message(self) -> dict[str, Any]:
         """The task message's kwargs: fields left at their defaults are left out, since a chain's first
@@ -94,6 +97,8 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
     # overwrites the mark with why.
     mark = (call.step_id, result.model_copy(update={"status": "running"})) if call.attempt == 0 else None
     status, params, records = store.inputs(call.run_id, {*call.depends_on, *call.reads}, mark)
+    if call.opens:
+        params, records = open_params(params), {sid: open_result(r) for sid, r in records.items()}
     context = {
         "params": params,
         "steps": {sid: r.model_dump(include={"output", "status"}) for sid, r in records.items()},
@@ -110,6 +115,8 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
         result.status, result.error, result.error_type = "failed", f"{type(exc).__name__}: {exc}", type(exc).__name__
         outcome = _finished(result, call, False)
     if isinstance(outcome, StepResult):
+        if call.sensitive:
+            outcome = seal_result(outcome)
         # A successful call's breaker record and in-flight release share the result's round trip.
         pipe = store.redis.pipeline(transaction=False)
         if lease is not None:
@@ -165,8 +172,8 @@ def _attempt(
     while True:
         result.instance = None
         try:
-            arguments = render(call.arguments, context)
-            result.arguments_digest = digest(arguments)
+            arguments = render(sealer().open(call.arguments) if call.sensitive else call.arguments, context)
+            result.arguments_digest = sealer().digest(arguments) if call.sensitive else digest(arguments)
             result.output, lease = _call_once(runtime, call, arguments, result)
         except OrchestratorError as exc:
             call = _failed_attempt(call, result.instance or "", exc)
@@ -210,8 +217,10 @@ def _call_once(runtime: Runtime, call: StepCall, arguments: dict[str, Any], resu
 
 
 def _failed_attempt(call: StepCall, instance: str, exc: OrchestratorError) -> StepCall:
+    # A sensitive call's errors may quote its arguments, and its next attempt's message carries them: sealed.
+    message = sealer().seal(str(exc)) if call.sensitive else str(exc)
     error = AttemptError(attempt=call.attempt + 1, service=call.service, instance=instance, type=type(exc).__name__,
-                         message=str(exc), at=time.time())  # fmt: skip
+                         message=message, at=time.time())  # fmt: skip
     return replace(call, attempt=call.attempt + 1, attempt_errors=[*call.attempt_errors, error.model_dump()])
 
 
@@ -240,7 +249,7 @@ def _give_up(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result
         return Reroute(_fallback_call(call))
     elif call.use_stale and isinstance(exc, TransportError | Unavailable):
         original = call.fallback_for or {"service": call.service, "tool": call.tool, "arguments": arguments}
-        stale = _recall(runtime, original, call.use_stale)
+        stale = _recall(runtime, original, call.use_stale, call.sensitive)
         if stale is not None:
             result.status, result.output, result.stale_age_s = "stale-cache", stale[0], round(stale[1], 3)
     if result.status == "pending":
@@ -272,19 +281,24 @@ def _finished(result: StepResult, call: StepCall, succeeded: bool) -> StepResult
     return result
 
 
-def _cache_key(runtime: Runtime, service: str, tool: str, arguments: Any) -> str:
-    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
+def _cache_key(runtime: Runtime, service: str, tool: str, arguments: Any, sensitive: bool = False) -> str:
+    if sensitive:  # a keyed digest: a plain hash of sensitive arguments could be searched for guessed values
+        digest = sealer().digest(sealer().open(arguments))
+    else:
+        digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
     return f"{runtime.store.namespace}:cache:{service}:{tool}:{digest}"
 
 
 def _remember(runtime: Runtime, call: StepCall, arguments: dict[str, Any], output: Any) -> None:
-    key = _cache_key(runtime, call.service, call.tool, arguments)
-    value = json.dumps({"output": output, "at": time.time()})
+    key = _cache_key(runtime, call.service, call.tool, arguments, call.sensitive)
+    value = json.dumps({"output": sealer().seal(output) if call.sensitive else output, "at": time.time()})
     runtime.store.redis.set(key, value, ex=int(call.use_stale or 0) or None)
 
 
-def _recall(runtime: Runtime, original: dict[str, Any], max_age: float | None) -> tuple[Any, float] | None:
-    raw = runtime.store.redis.get(_cache_key(runtime, original["service"], original["tool"], original["arguments"]))
+def _recall(runtime: Runtime, original: dict[str, Any], max_age: float | None,
+            sensitive: bool = False) -> tuple[Any, float] | None:  # fmt: skip
+    key = _cache_key(runtime, original["service"], original["tool"], original["arguments"], sensitive)
+    raw = runtime.store.redis.get(key)
     if raw is None:
         return None
     entry = json.loads(raw)
@@ -313,6 +327,8 @@ def finish_run(runtime: Runtime, run_id: str, after_fallback: str | None = None)
 def _aggregate(runtime: Runtime, run_id: str) -> tuple[str, Any, list[StepError], dict[str, dict[str, int]]]:
     run = runtime.store.load(run_id)
     plan = runtime.store.plan(run_id)
+    if plan.get("sensitive"):
+        run = open_run(run)
     errors = [error for step_id, step in run.steps.items() if (error := _step_error(step_id, step))]
     ok = all(s.status in SATISFIED or s.skip_reason == "condition" for s in run.steps.values())
     status = "succeeded" if ok else "failed"
@@ -329,6 +345,8 @@ def _aggregate(runtime: Runtime, run_id: str) -> tuple[str, Any, list[StepError]
             errors.append(StepError(step="output", service="", tool="", type=type(exc).__name__, message=str(exc)))
     else:
         output = {sid: run.steps[sid].output for sid in plan["sinks"] if run.steps[sid].status in SATISFIED}
+    if plan.get("sensitive"):  # what was opened to aggregate is sealed again before it is stored
+        output, errors = sealer().seal(output), seal_errors(errors)
     return status, output, errors, _error_summary(run.steps)
 
 

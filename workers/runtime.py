@@ -11,6 +11,7 @@ from typing import Any
 from celery.signals import worker_shutdown
 
 import celeryconfig
+from orchestrator import redaction
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
 from orchestrator.events import audit_security
@@ -46,6 +47,7 @@ class Runtime:
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
         runtime.guard = CallGuard.of(config, store.redis, settings.namespace)
+        redaction.install()  # an in-process worker logs through its host's handlers
         runtime._listen()
         runtime._flusher = start_flusher(store)
         on_security_event(audit_security(store.redis, store.namespace))

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 server = MCPServer("testing")
 _in_flight = {"now": 0, "max": 0}
@@ -25,6 +26,13 @@ def echo(value: Any = None, label: str = "") -> dict[str, Any]:
 def fail(message: str = "tool failed on purpose") -> str:
     """Always fail: the result carries is_error."""
     raise ValueError(message)
+
+
+@server.tool()
+def reject(value: Any = None) -> str:
+    """Fail with an error that quotes the arguments it was given, as careless servers do (a ToolError's message
+    reaches the client)."""
+    raise ToolError(f"rejected arguments: value={value!r}")
 
 
 @server.tool()
