@@ -3,6 +3,7 @@ with real worker processes, a real HTTP MCP server that requires a bearer token 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import yaml
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -24,6 +26,7 @@ from orchestrator import Orchestrator, RunResult, Workflow, load_config
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError, KeyRingMissing, SecretNotFound, SecretUndecryptable, VaultError
 from orchestrator.vault import KEEP_VERSIONS, KeyRing, Vault
+from workers.credentials import Credentials, SecretAuth
 
 from .conftest import ROOT, WorkerProcesses, free_port, wait_for_port
 
@@ -159,6 +162,27 @@ def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.Complete
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
+def test_a_refusal_stays_named_for_its_caller_when_a_concurrent_request_succeeds(vault: Vault) -> None:
+    vault.set("bearer-token", "refused-token")
+    auth = SecretAuth("bearer", {"Authorization": ("bearer-token", "Bearer ")}, Credentials(vault))
+
+    def server(request: httpx2.Request) -> httpx2.Response:
+        accepted = request.headers["Authorization"] == "Bearer accepted-token"
+        return httpx2.Response(200 if accepted else 401)
+
+    async def two_requests() -> list[int]:
+        async with httpx2.AsyncClient(transport=httpx2.MockTransport(server), auth=auth) as http:
+            refused = await http.post("http://bearer/mcp", content=b"{}")
+            vault.set("bearer-token", "accepted-token")
+            accepted = await http.post("http://bearer/mcp", content=b"{}")
+        return [refused.status_code, accepted.status_code]
+
+    started = time.monotonic()
+    assert asyncio.run(two_requests()) == [401, 200]
+    assert auth.refusals.since(started) == "secret 'bearer-token' version 1 (HTTP 401)"
+    assert auth.refusals.since(time.monotonic()) is None
+
+
 def test_cli_secrets_and_keys_never_show_a_value(redis_url: str, tmp_path: Path) -> None:
     env = {**os.environ, "REDIS_URL": redis_url, "MCPO_NAMESPACE": f"vault-cli-{uuid.uuid4().hex[:8]}",
            "MCPO_VAULT_KEY_FILE": str(tmp_path / "keys" / "vault.keys")}  # fmt: skip
@@ -196,11 +220,16 @@ class Fleet:
     canaries: list[str]
 
     def accept(self, *tokens: str) -> None:
-        """The tokens the HTTP server accepts from its next request on."""
-        self.tokens.write_text("".join(f"{token}\n" for token in tokens))
+        """The tokens the HTTP server accepts from its next request on (replaced whole: it never reads half)."""
+        staged = self.tokens.with_suffix(".staged")
+        staged.write_text("".join(f"{token}\n" for token in tokens))
+        staged.replace(self.tokens)
 
-    def rotate_token(self) -> str:
+    def rotate_token(self, grace: bool = False) -> str:
+        """A new bearer token in the vault; with grace, the server takes the old and the new one meanwhile."""
         token = canary()
+        if grace:
+            self.accept(self.vault.current("bearer-token")[1], token)
         self.canaries.append(token)
         self.vault.set("bearer-token", token)
         return token
@@ -269,11 +298,7 @@ def test_http_token_rotation_during_a_1000_call_fanout_fails_no_call(fleet: Flee
     width = 1000
     run = fleet.run("bearer", "sleep", width, seconds=0.05)
     fleet.wait_until_finished(run.id, 100)
-    old = fleet.canaries[0]
-    new = canary()
-    fleet.accept(old, new)  # the grace window: the server takes both
-    fleet.canaries.append(new)
-    fleet.vault.set("bearer-token", new)
+    new = fleet.rotate_token(grace=True)
     time.sleep(2.5)  # longer than a worker caches a secret
     fleet.accept(new)
     assert fleet.finished(run.id) < width, "the fan-out ended before the old token was refused: make it longer"
@@ -296,12 +321,13 @@ def test_a_refused_token_is_refreshed_once_then_named_in_the_error(fleet: Fleet)
 
 def test_keys_rotate_during_a_run_fails_no_call_and_retires_the_old_key(fleet: Fleet) -> None:
     old_ring = fleet.vault.ring.fernet()
-    run = fleet.run("bearer", "sleep", 400, seconds=0.1)
-    fleet.wait_until_finished(run.id, 50)
+    run = fleet.run("bearer", "sleep", 1000, seconds=0.05)
+    fleet.wait_until_finished(run.id, 100)
     fleet.vault.rotate_keys()  # what `keys rotate` does (the CLI test runs it), without a process start's delay
-    token = fleet.rotate_token()  # written under the new key: workers must read the new ring to send it
+    token = fleet.rotate_token(grace=True)  # written under the new key: workers must read the new ring to send it
+    time.sleep(2.5)  # longer than a worker caches a secret
     fleet.accept(token)
-    assert fleet.finished(run.id) < 400, "the run ended before the rotation: make it longer"
+    assert fleet.finished(run.id) < 1000, "the run ended before the rotation: make it longer"
     no_failed_call(run.wait(120))
     no_failed_call(fleet.run("bearer", "echo", 5, value="new ring").wait(30))
     no_failed_call(fleet.run("envy", "echo", 1).wait(30))

@@ -77,11 +77,29 @@ class Credentials:
         return self._vault
 
 
+class Refusals:
+    """The last credential an HTTP server refused after a refresh, and when.
+
+    Requests on one connection run concurrently, so a later success must not clear an earlier refusal:
+    a failed call asks whether a refusal happened while it was under way.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[str, float] | None = None
+
+    def note(self, what: str) -> None:
+        self._last = (what, time.monotonic())
+
+    def since(self, started: float) -> str | None:
+        """What was refused at or after `started` (a monotonic time), if anything."""
+        return self._last[0] if self._last is not None and self._last[1] >= started else None
+
+
 class SecretAuth(httpx2.Auth):
     """Puts vault secrets into an HTTP server's request headers, reading the current version per request.
 
     A 401 or 403 re-reads the secrets and sends the request once more (a rotation may have just replaced
-    the value); if that is refused too, the response goes back to the MCP client as it is and `rejected`
+    the value); if that is refused too, the response goes back to the MCP client as it is and `refusals`
     names the secret, so the caller's error can say which credential the server refused.
     """
 
@@ -91,7 +109,7 @@ class SecretAuth(httpx2.Auth):
         self.server = server
         self.headers = headers
         self.credentials = credentials
-        self.rejected: str | None = None
+        self.refusals = Refusals()
 
     def auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
         sent_at = time.monotonic()
@@ -103,10 +121,10 @@ class SecretAuth(httpx2.Auth):
         retried = self._apply(request, sent_at)
         response = yield request
         if response.status_code in (401, 403):
-            self.rejected = self._describe(retried, response.status_code)
-            log.warning("MCP server '%s' refused %s after a refresh", self.server, self.rejected)
+            rejected = self._describe(retried, response.status_code)
+            self.refusals.note(rejected)
+            log.warning("MCP server '%s' refused %s after a refresh", self.server, rejected)
             return
-        self.rejected = None
         refreshed = self._describe(versions, refused)
         log.info("MCP server '%s' refused %s, then accepted it refreshed", self.server, refreshed)
 

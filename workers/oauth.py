@@ -36,7 +36,7 @@ from redis.lock import Lock
 from orchestrator.config import HttpServer, OAuthSettings, SecretRef
 from orchestrator.errors import SecretUndecryptable
 from orchestrator.vault import Vault
-from workers.credentials import Credentials
+from workers.credentials import Credentials, Refusals
 
 log = logging.getLogger(__name__)
 REFRESH_SHARE = 0.25  # of a token's lifetime: the latest point before expiry at which a refresh starts
@@ -155,7 +155,7 @@ class FleetOAuth(httpx2.Auth):
     has the SDK's provider fetch the next one, once for the whole fleet, before it expires.
 
     A 401 to a token that should still be good (revoked, or the server lost its state) also fetches a new one,
-    once; if that is refused too, `rejected` names the client, so the caller's error can say which credential.
+    once; if that is refused too, `refusals` names the client, so the caller's error can say which credential.
     """
 
     requires_response_body = True  # the SDK's flow reads the discovery and token responses
@@ -170,7 +170,7 @@ class FleetOAuth(httpx2.Auth):
             credentials.current(name)  # a missing secret fails the connection now, not its first refresh
         self.storage = VaultTokenStorage(credentials.vault, server, _fingerprint(spec.url, self.settings))
         self._held: StoredToken | None = None
-        self.rejected: str | None = None
+        self.refusals = Refusals()
 
     def sync_auth_flow(self, request: httpx2.Request) -> Generator[httpx2.Request, httpx2.Response, None]:
         raise RuntimeError("FleetOAuth serves asynchronous HTTP clients only")
@@ -185,7 +185,6 @@ class FleetOAuth(httpx2.Auth):
             if lock is None:  # not due, or another worker is refreshing it (or just did): send what is held
                 response = yield self._authorized(request, self._held or held)
                 if response.status_code != 401:
-                    self.rejected = None
                     return
                 refused = (self._held or held).token.access_token
                 log.info("MCP server '%s' refused an OAuth token before its expiry; fetching another", self.server)
@@ -219,7 +218,7 @@ class FleetOAuth(httpx2.Auth):
         except StopAsyncIteration:
             pass
         except Exception as exc:
-            self.rejected = f"the OAuth grant of client '{self.settings.client_id}' ({type(exc).__name__})"
+            self.refusals.note(f"the OAuth grant of client '{self.settings.client_id}' ({type(exc).__name__})")
             log.warning("MCP server '%s': OAuth flow failed: %s", self.server, type(exc).__name__)
             raise
         finally:
@@ -280,8 +279,8 @@ class FleetOAuth(httpx2.Auth):
 
     def _note(self, response: httpx2.Response) -> None:
         status = response.status_code
-        refused = status in (401, 403)
-        self.rejected = f"the OAuth token of client '{self.settings.client_id}' (HTTP {status})" if refused else None
+        if status in (401, 403):
+            self.refusals.note(f"the OAuth token of client '{self.settings.client_id}' (HTTP {status})")
 
     def _add_secret_headers(self, request: httpx2.Request) -> None:
         for header, (secret, prefix) in self.spec.secret_headers.items():

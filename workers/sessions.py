@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -128,23 +129,26 @@ class Connection:
         self._client = None
 
     async def _open(self) -> None:
+        opened_at = time.monotonic()
         transport = self._transport()  # reads the vault first: a missing secret fails the call, not the loop
         self._generation += 1
         self._stop = asyncio.Event()
         ready: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
         self._owner = asyncio.create_task(
-            self._own(transport, ready, self._stop, self._generation), name=f"mcp-session-{self.name}"
+            self._own(transport, ready, self._stop, self._generation, opened_at), name=f"mcp-session-{self.name}"
         )
         self._client = await ready
 
-    async def _own(self, transport: Any, ready: asyncio.Future[Client], stop: asyncio.Event, generation: int) -> None:
+    async def _own(
+        self, transport: Any, ready: asyncio.Future[Client], stop: asyncio.Event, generation: int, opened_at: float
+    ) -> None:
         try:
             async with Client(transport, cache=None) as client:
                 ready.set_result(client)
                 await stop.wait()
         except BaseException as exc:  # boundary: the owner task reports, it never raises into the loop
             if not ready.done():
-                why = self.refusal() or describe(exc)
+                why = self.refusal(opened_at) or describe(exc)
                 ready.set_exception(TransportError(f"cannot connect to MCP server '{self.name}': {why}"))
             elif not isinstance(exc, asyncio.CancelledError):
                 log.warning("MCP session to %s ended: %s", self.name, describe(exc))
@@ -173,9 +177,10 @@ class Connection:
         params = StdioServerParameters(command=spec.command, args=spec.args, env=env or None, cwd=spec.cwd)
         return stdio_client(params, errlog=self._errlog)
 
-    def refusal(self) -> str | None:
-        """Which vault credential the HTTP server refused, after a refresh, on its last refusal."""
-        return f"the server refused {self.auth.rejected}" if self.auth and self.auth.rejected else None
+    def refusal(self, since: float) -> str | None:
+        """Which credential the HTTP server refused, after a refresh, at or after `since` (monotonic)."""
+        refused = self.auth.refusals.since(since) if self.auth is not None else None
+        return f"the server refused {refused}" if refused else None
 
     def reset(self, generation: int) -> None:
         """Drop the session a failed call used, unless it was already replaced."""
@@ -293,6 +298,7 @@ class SessionPool:
         return client.protocol_version
 
     async def _request(self, server: str, timeout: float, send: Any) -> Any:
+        started = time.monotonic()
         connection = self._connection(server)
         async with connection.use() as (client, generation):
             try:
@@ -303,7 +309,7 @@ class SessionPool:
                 if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
                     connection.reset(generation)
                     raise TransportError(f"MCP server '{server}': {exc.message}") from exc
-                if refusal := connection.refusal():
+                if refusal := connection.refusal(started):
                     raise CredentialRejected(f"MCP server '{server}': {refusal}") from exc
                 raise ToolCallError(
                     f"MCP server '{server}' refused the request: {exc.message} (code {exc.code})"
