@@ -128,6 +128,16 @@ return 1
 )
 
 
+# A permit asked for ahead of a call that then was not made (its step was skipped): a half-open trial goes
+# back, so the trials that do run decide the state.
+GIVE_BACK = """
+local key, gen = KEYS[1], tonumber(ARGV[1])
+if redis.call('HGET', key, 'state') ~= 'half_open' or tonumber(redis.call('HGET', key, 'gen')) ~= gen then return 0 end
+if tonumber(redis.call('HGET', key, 'trials') or '0') > 0 then redis.call('HINCRBY', key, 'trials', -1) end
+return 1
+"""
+
+
 class BreakerSettings(BaseModel):
     """A service's breaker settings (the `breaker:` block of a service); the defaults suit most fleets."""
 
@@ -180,14 +190,31 @@ class CircuitBreaker:
         self._acquire = redis.register_script(ACQUIRE)
         self._record = redis.register_script(RECORD)
         self._probe = redis.register_script(PROBE)
+        self._give_back = redis.register_script(GIVE_BACK)
 
     def acquire(self, now: float | None = None) -> Permit:
         """Ask to make one call (one round trip)."""
-        allowed, state, generation, reopen = self._acquire(
-            keys=[self.key],
-            args=[_ms(now), self.settings.permitted_calls_in_half_open, int(self.settings.wait_in_open * 1000)],
-        )
+        return self.permit(self._ask(now, None))
+
+    def ask(self, pipe: Pipeline) -> None:
+        """Queue an ask on `pipe`, to share a round trip the caller makes anyway; `permit` reads its reply."""
+        self._ask(None, pipe)
+
+    def _ask(self, now: float | None, pipe: Pipeline | None) -> Any:
+        s = self.settings
+        args = [_ms(now), s.permitted_calls_in_half_open, int(s.wait_in_open * 1000)]
+        return self._acquire(keys=[self.key], args=args, client=pipe)
+
+    @staticmethod
+    def permit(reply: Any) -> Permit:
+        """The permit an ask's reply grants."""
+        allowed, state, generation, reopen = reply
         return Permit(bool(allowed), _state(state), int(generation), int(reopen) / 1000 if reopen else None)
+
+    def give_back(self, permit: Permit) -> None:
+        """Return a permit whose call was not made: a half-open trial is freed for another call."""
+        if permit.allowed and permit.state == "half_open":
+            self._give_back(keys=[self.key], args=[permit.generation])
 
     def record(
         self, permit: Permit, failed: bool, duration: float, now: float | None = None, pipe: Pipeline | None = None

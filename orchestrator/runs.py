@@ -107,18 +107,25 @@ class RunStore:
         pipe.execute()
 
     def inputs(
-        self, run_id: str, step_ids: Iterable[str], mark: tuple[str, StepResult] | None = None
-    ) -> tuple[str, dict[str, Any], dict[str, StepResult]]:
+        self,
+        run_id: str,
+        step_ids: Iterable[str],
+        mark: tuple[str, StepResult] | None = None,
+        pipe: Pipeline | None = None,
+    ) -> tuple[str, dict[str, Any], dict[str, StepResult], list[Any]]:
         """The run's status, its params and the records of the given steps, in one round trip; `mark`
-        (a step id and its record) is saved in the same trip."""
+        (a step id and its record) is saved in the same trip. Commands the caller queued on `pipe` go in
+        the same trip too: their replies come last."""
         ids = list(step_ids)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
+        theirs = len(pipe)
         pipe.hmget(self._run_key(run_id), ["status", "params"])
         if ids:
             pipe.hmget(self._steps_key(run_id), ids)
         if mark is not None:
             self.save_step(run_id, mark[0], mark[1], pipe)
         replies = pipe.execute()
+        earlier, replies = replies[:theirs], replies[theirs:]
         status, params = replies[0]
         if status is None:
             if mark is not None:
@@ -126,7 +133,7 @@ class RunStore:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
         records = replies[1] if ids else []
         steps = {sid: StepResult.model_validate_json(raw) for sid, raw in zip(ids, records, strict=True) if raw}
-        return _text(status), json.loads(params), steps
+        return _text(status), json.loads(params), steps, earlier
 
     def save_step(self, run_id: str, step_id: str, result: StepResult, pipe: Pipeline | None = None) -> None:
         """Record a step; the first step to start marks the run started (a pending run with a start is running).

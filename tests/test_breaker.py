@@ -74,12 +74,17 @@ class Model:
                 self._move("open" if self._over(self.trial_outcomes) else "closed", now)
         return self.state
 
+    def give_back(self, gen: int, asked_in: str) -> None:
+        if asked_in == "half_open" and self.state == "half_open" and gen == self.gen and self.trials > 0:
+            self.trials -= 1
+
 
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("acquire"), st.floats(0, 6)),  # time passes, then a call asks
         st.tuples(st.just("record"), st.booleans(), st.sampled_from([0.1, 2.0])),  # an outstanding call ends
         st.tuples(st.just("lose")),  # an outstanding call never reports: its worker died
+        st.tuples(st.just("give back")),  # an outstanding call is not made after all: its step was skipped
     ),
     max_size=60,
 )
@@ -109,6 +114,10 @@ def test_lua_breaker_matches_the_reference_model(client: Redis, ops: list[tuple]
                 outstanding.append((permit, expected[2]))
         elif op[0] == "lose" and outstanding:
             outstanding.pop(0)
+        elif op[0] == "give back" and outstanding:
+            permit, gen = outstanding.pop(0)
+            breaker.give_back(permit)
+            model.give_back(gen, permit.state)
         elif outstanding:
             permit, gen = outstanding.pop(0)
             assert breaker.record(permit, op[1], op[2], now) == model.record(gen, op[1], op[2], now)
@@ -185,6 +194,22 @@ def test_trials_that_never_report_give_way_after_a_wait() -> None:
     retried = breaker.acquire(1020.0)
     assert (retried.allowed, retried.state) == (True, "half_open") and retried.generation > lost[0].generation
     assert breaker.record(lost[0], False, 0.1, 1020.0) == "half_open"  # a late report of a lost trial is ignored
+
+
+def test_a_trial_given_back_lets_another_call_try() -> None:
+    breaker = CircuitBreaker(fakeredis.FakeRedis(), "b", SETTINGS)
+    for _ in range(3):
+        breaker.record(breaker.acquire(1000.0), True, 0.1, 1000.0)
+    trials = [breaker.acquire(1010.0) for _ in range(2)]
+    assert all(p.allowed and p.state == "half_open" for p in trials) and not breaker.acquire(1011.0).allowed
+    breaker.give_back(trials[0])  # its step was skipped: the call was never made
+    assert breaker.acquire(1012.0).allowed and not breaker.acquire(1013.0).allowed
+    breaker.give_back(trials[1])
+    assert breaker.acquire(1014.0).allowed  # given back before anything else came of it
+    later = [breaker.acquire(1030.0) for _ in range(2)]  # the trials above never reported: new ones go
+    assert all(p.allowed and p.generation > trials[1].generation for p in later)
+    breaker.give_back(trials[1])  # from an older generation: frees nothing
+    assert not breaker.acquire(1031.0).allowed
 
 
 def test_health_beats_feed_the_breaker() -> None:

@@ -150,6 +150,20 @@ def test_breaker_opens_refuses_half_opens_and_closes_across_two_workers(fresh: F
     assert closed.status == "succeeded"
 
 
+def test_a_skipped_step_leaves_the_half_open_trials_to_calls_that_are_made(fresh: Faulty) -> None:
+    for _ in range(BREAKER["minimum_calls"]):
+        fresh.breaker.record(fresh.breaker.acquire(), True, 0.1)
+    assert fresh.breaker.snapshot().state == "open"
+    time.sleep(BREAKER["wait_in_open"] + 0.5)
+    # The worker asks the breaker while it reads a step's inputs, before the condition is known.
+    skipped = fresh.run([work("skipped", when="params.go")], {"go": False})
+    assert skipped.steps["skipped"].skip_reason == "condition" and fresh.breaker.snapshot().state == "half_open"
+    trials = [work(f"t{i}", retries=0, depends_on=[f"t{i - 1}"] if i else []) for i in range(2)]
+    result = fresh.run(trials)
+    assert result.status == "succeeded", result.errors  # both permitted trials were left for these calls
+    assert fresh.breaker.snapshot().state == "closed"
+
+
 def test_fallback_service_takes_the_call_and_keeps_its_place(fresh: Faulty) -> None:
     fresh.set("crash")
     fallback = {"service": "testing", "tool": "echo", "parameters": {"value": "from fallback"}}

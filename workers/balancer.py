@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
@@ -50,6 +51,27 @@ class Lease:
     permit: Permit | None
     token: str | None
     began: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Ask:
+    """A breaker permit asked for ahead of a call, in a round trip the step makes anyway (a service of one
+    instance: there is no choice to make first). The call's lease takes it; an untaken one goes back."""
+
+    service: str
+    instance: str
+    breaker: CircuitBreaker
+    permit: Permit | None = None
+    taken: bool = False
+
+    def answer(self, reply: Any) -> None:
+        self.permit = CircuitBreaker.permit(reply)
+
+    def take(self, service: str, instance: str) -> Permit | None:
+        if self.taken or self.permit is None or (service, instance) != (self.service, self.instance):
+            return None
+        self.taken = True
+        return self.permit
 
 
 class Balancer:
@@ -109,8 +131,26 @@ class Balancer:
                 return self._registered[instance]
         raise Unavailable(f"instance '{instance}' is neither configured nor registered")
 
-    def lease(self, service: str, deadline: float, elsewhere: Collection[str] = ()) -> Lease:
-        """An instance for one call, avoiding `elsewhere` (instances this call already failed on) if it can."""
+    def ask_ahead(self, service: str, pipe: Pipeline) -> Ask | None:
+        """Queue the breaker's ask for a service of one instance on `pipe`; None when there is none to ask."""
+        view = self.view(service)
+        if len(view.servers) != 1:
+            return None
+        (instance,) = view.servers
+        breaker = self.breaker(service, instance)
+        if not breaker.settings.enabled:
+            return None
+        breaker.ask(pipe)
+        return Ask(service, instance, breaker)
+
+    def give_back(self, ask: Ask) -> None:
+        """Return a permit asked ahead whose call was not made (its step was skipped, say)."""
+        if not ask.taken and ask.permit is not None:
+            ask.breaker.give_back(ask.permit)
+
+    def lease(self, service: str, deadline: float, elsewhere: Collection[str] = (), ask: Ask | None = None) -> Lease:
+        """An instance for one call, avoiding `elsewhere` (instances this call already failed on) if it can;
+        `ask` is a permit asked ahead, used when it is for the chosen instance."""
         view = self.view(service)
         up = [name for name in view.servers if view.health.get(name) is None or view.health[name].status == "up"]
         if not up:
@@ -124,7 +164,9 @@ class Balancer:
         refusals = []
         for name in (up[i] for i in order):
             breaker = self.breaker(service, name)
-            permit = breaker.acquire() if breaker.settings.enabled else None
+            permit = ask.take(service, name) if ask is not None else None
+            if permit is None and breaker.settings.enabled:
+                permit = breaker.acquire()
             if permit is not None and not permit.allowed:
                 until = time.strftime("%H:%M:%S", time.localtime(permit.retry_at)) if permit.retry_at else "trials end"
                 refusals.append(f"circuit breaker for {service}/{name} is {permit.state}; refusing calls until {until}")

@@ -22,7 +22,7 @@ from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
 from orchestrator.sealing import open_params, open_result, open_run, seal_errors, seal_result, sealer
-from workers.balancer import Lease
+from workers.balancer import Ask, Lease
 from workers.runtime import Runtime
 
 BACKOFF = wait_random_exponential(multiplier=0.5, max=30)  # full jitter: uniform in [0, min(30, 0.5 * 2^n)]
@@ -96,7 +96,23 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
     # The step is marked running in the same round trip that reads its inputs; a step the gate then stops
     # overwrites the mark with why.
     mark = (call.step_id, result.model_copy(update={"status": "running"})) if call.attempt == 0 else None
-    status, params, records = store.inputs(call.run_id, {*call.depends_on, *call.reads}, mark)
+    # The breaker is asked in that round trip too, when the service has one instance to ask about.
+    pipe = store.redis.pipeline(transaction=False)
+    ask = runtime.balancer.ask_ahead(call.service, pipe)
+    status, params, records, asked = store.inputs(call.run_id, {*call.depends_on, *call.reads}, mark, pipe)
+    if ask is not None:
+        ask.answer(asked[0])
+    try:
+        return _run(runtime, call, result, status, params, records, ask)
+    finally:
+        if ask is not None:
+            runtime.balancer.give_back(ask)
+
+
+def _run(runtime: Runtime, call: StepCall, result: StepResult, status: str, params: dict[str, Any],
+         records: dict[str, StepResult], ask: Ask | None) -> Outcome:  # fmt: skip
+    """Gate the step on its inputs, then make its attempts and record the result."""
+    store = runtime.store
     if call.opens:
         params, records = open_params(params), {sid: open_result(r) for sid, r in records.items()}
     context = {
@@ -110,7 +126,7 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
         return result
     lease = None
     try:
-        outcome, lease = _attempt(runtime, call, context, result)
+        outcome, lease = _attempt(runtime, call, context, result, ask)
     except Exception as exc:  # boundary: a step records any failure instead of breaking the canvas
         result.status, result.error, result.error_type = "failed", f"{type(exc).__name__}: {exc}", type(exc).__name__
         outcome = _finished(result, call, False)
@@ -165,7 +181,7 @@ def _gate(call: StepCall, status: str, records: dict[str, StepResult], context: 
 
 
 def _attempt(
-    runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult
+    runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult, ask: Ask | None
 ) -> tuple[Outcome, Lease | None]:
     """Make attempts until one succeeds (its lease still held), a backoff is due, or the failure is final."""
     arguments: dict[str, Any] = {}
@@ -174,7 +190,7 @@ def _attempt(
         try:
             arguments = render(sealer().open(call.arguments) if call.sensitive else call.arguments, context)
             result.arguments_digest = sealer().digest(arguments) if call.sensitive else digest(arguments)
-            result.output, lease = _call_once(runtime, call, arguments, result)
+            result.output, lease = _call_once(runtime, call, arguments, result, ask)
         except OrchestratorError as exc:
             call = _failed_attempt(call, result.instance or "", exc)
             next_step = _after_failure(call, exc)
@@ -191,11 +207,13 @@ def _attempt(
         return _finished(result, call, True), lease
 
 
-def _call_once(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult) -> tuple[Any, Lease]:
+def _call_once(
+    runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult, ask: Ask | None
+) -> tuple[Any, Lease]:
     """One attempt on one instance: after a failure, the next attempt goes to another instance if any.
     A failed attempt releases its lease here; a successful one hands it back, released with the result."""
     failed_on = {e["instance"] for e in call.attempt_errors if e["service"] == call.service}
-    lease = runtime.balancer.lease(call.service, call.deadline, elsewhere=failed_on)
+    lease = runtime.balancer.lease(call.service, call.deadline, elsewhere=failed_on, ask=ask)
     result.instance = lease.instance
     budget = max(0.001, call.deadline - time.time())
     try:
