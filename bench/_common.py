@@ -159,6 +159,25 @@ def scratch() -> Iterator[None]:
     shutil.rmtree(HOME, ignore_errors=True)
 
 
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """CPU time (user + system) of a process and, unless told not to, its descendants that are alive now."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+    except FileNotFoundError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if not children:
+        return own
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return own + sum(cpu_seconds(int(child)) for child in found)
+
+
+def redis_cpu(redis: Redis) -> float:
+    """CPU time the Redis server has used so far."""
+    info = redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

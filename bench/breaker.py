@@ -1,5 +1,6 @@
 """The circuit breaker's cost: calls/s of 500 parallel `noop` steps with the breaker on and off, and the
-latency of one `acquire()` and one `record()` round trip.
+latency of one `acquire()` and one `record()` round trip. Each mode's CPU per call (its worker process and
+Redis) is accounted too: on a shared machine it is a steadier measure of the cost than calls/s.
 
 Two services of bench/breaker.yaml over the same server, `bench_on` (breaker enabled, the default) and
 `bench_off` (`breaker: {enabled: false}`), one worker process each with the same concurrency, one broker.
@@ -17,7 +18,7 @@ from typing import Any
 
 from redis import Redis
 
-from bench._common import NAMESPACE, ROOT, Workers, broker, median, scratch, table
+from bench._common import NAMESPACE, ROOT, Workers, broker, cpu_seconds, median, redis_cpu, scratch, table
 from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.breaker import BreakerSettings, CircuitBreaker
 
@@ -44,6 +45,21 @@ def calls_per_second(orchestrator: Orchestrator, workflow: Workflow) -> float:
     return CALLS / (result.finished_at - started)
 
 
+def rounds(orchestrator: Orchestrator, workflows: dict[str, Workflow], workers: dict[str, int],
+           redis: Redis) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:  # fmt: skip
+    """Calls/s of each mode's rounds, interleaved with the order swapped each round so drift hits both alike,
+    and the CPU seconds each mode's rounds cost its worker process (not its MCP server) and Redis."""
+    rates: dict[str, list[float]] = {mode: [] for mode in workflows}
+    cpu = {mode: {"worker": 0.0, "Redis": 0.0} for mode in workflows}
+    for i in range(ROUNDS):
+        for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
+            worker, server = cpu_seconds(workers[mode], children=False), redis_cpu(redis)
+            rates[mode].append(calls_per_second(orchestrator, workflows[mode]))
+            cpu[mode]["worker"] += cpu_seconds(workers[mode], children=False) - worker
+            cpu[mode]["Redis"] += redis_cpu(redis) - server
+    return rates, cpu
+
+
 def micro(url: str) -> dict[str, list[float]]:
     """Microseconds per `acquire()` and per `record()` of a closed breaker, MICRO calls each after a warm-up."""
     with Redis.from_url(url) as redis:
@@ -68,7 +84,6 @@ def micro(url: str) -> dict[str, list[float]]:
 
 def main() -> None:
     workflows = {mode: fanout(service) for mode, service in SERVICES.items()}
-    rates: dict[str, list[float]] = {mode: [] for mode in SERVICES}
     with scratch(), broker() as url, ExitStack() as stack:
         workers = Workers(url)
         stack.callback(workers.stop)
@@ -78,10 +93,9 @@ def main() -> None:
 
         for workflow in workflows.values():  # warm-up: MCP servers started, queues checked, thread pools filled
             calls_per_second(orchestrator, workflow)
-        for i in range(ROUNDS):  # interleaved, the order swapped each round, so drift hits both alike
-            for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                rates[mode].append(calls_per_second(orchestrator, workflows[mode]))
         redis: Redis = stack.enter_context(Redis.from_url(url))
+        pids = {mode: process.pid for mode, process in zip(SERVICES, workers.processes, strict=True)}
+        rates, cpu = rounds(orchestrator, workflows, pids, redis)
         on_calls = CircuitBreaker.of(redis, NAMESPACE, SERVICES["on"], INSTANCE, BreakerSettings()).snapshot().calls
         off_key = redis.exists(f"{NAMESPACE}:breaker:{SERVICES['off']}:{INSTANCE}")
         latencies = micro(url)
@@ -96,6 +110,13 @@ def main() -> None:
     print(table(["", "median calls/s", "min", "max", "all rounds (calls/s)"], rows))
     on, off = median(rates["on"]), median(rates["off"])
     print(f"ratio off/on: {off / on:.3f}; breaker overhead: {(1 - on / off) * 100:.1f}% of throughput (goal <= 5%)")
+    calls = CALLS * ROUNDS
+    cpu_rows = [[f"breaker {mode}", *(1000 * spent[part] / calls for part in ("worker", "Redis")),
+                 1000 * sum(spent.values()) / calls] for mode, spent in cpu.items()]  # fmt: skip
+    print(table(["CPU per call", "worker ms", "Redis ms", "both ms"], cpu_rows))
+    on_cpu, off_cpu = (sum(cpu[mode].values()) for mode in ("on", "off"))
+    print(f"breaker overhead in CPU per call (worker + Redis): {(on_cpu / off_cpu - 1) * 100:.1f}% (the throughput "
+          f"of CPU-bound calls goes as its inverse; less noisy than calls/s on a shared machine)")  # fmt: skip
     print(f"check: {SERVICES['on']} breaker window holds {on_calls} calls; {SERVICES['off']} breaker key exists: "
           f"{bool(off_key)}")  # fmt: skip
     print(f"one round trip to the broker, {MICRO} calls each (microseconds):")

@@ -21,7 +21,7 @@ import time
 
 from redis import Redis
 
-from bench._common import CONFIG, Workers, broker, median, scratch, table, timed_run
+from bench._common import CONFIG, Workers, broker, cpu_seconds, median, redis_cpu, scratch, table, timed_run
 from orchestrator import Orchestrator, Workflow, load_config
 
 
@@ -39,23 +39,11 @@ def calls_per_second(orchestrator: Orchestrator, calls: int, rounds: int) -> lis
     return rates
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its descendants that are alive now."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
-    except FileNotFoundError:
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(int(child)) for child in children)
-
-
 def cpu_by_part(workers: Workers, redis: Redis) -> dict[str, float]:
-    info = redis.info("cpu")
     return {
         "workers": sum(cpu_seconds(process.pid) for process in workers.processes) - mcp_servers(workers),
         "MCP servers": mcp_servers(workers),
-        "Redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "Redis": redis_cpu(redis),
         "client": sum(os.times()[:2]),
     }
 
