@@ -64,16 +64,17 @@ def broker() -> Iterator[str]:
 class Workers:
     """Worker processes started by a benchmark (each in its own process group), stopped at the end."""
 
-    def __init__(self, url: str) -> None:
-        self.env = {**os.environ, "REDIS_URL": url, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    def __init__(self, url: str, env: dict[str, str] | None = None) -> None:
+        self.env = {**os.environ, "REDIS_URL": url, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def ours(self, service: str, concurrency: int, config: Path = CONFIG) -> None:
-        """`mcp-orchestrator worker` for one service of a configuration (bench/services.yaml by default)."""
+    def ours(self, service: str, concurrency: int, config: Path = CONFIG, wait: bool = True) -> None:
+        """`mcp-orchestrator worker` for one service of a configuration (bench/services.yaml by default);
+        without `wait`, started but not waited for (this process cannot ask a signed worker)."""
         self._start(
             [sys.executable, "-m", "orchestrator.cli", "worker", "--service", service, "--config", str(config),
              "--concurrency", str(concurrency), "--loglevel", "WARNING"],
-            queue_for(service), f"ours-{service}",
+            queue_for(service), f"ours-{service}", wait,
         )  # fmt: skip
 
     def raw(self, concurrency: int) -> None:
@@ -84,11 +85,13 @@ class Workers:
             RAW_QUEUE, "raw",
         )  # fmt: skip
 
-    def _start(self, args: list[str], queue: str, name: str, timeout: float = 60) -> None:
+    def _start(self, args: list[str], queue: str, name: str, wait: bool = True, timeout: float = 60) -> None:
         log = open(HOME / f"worker-{name}.log", "wb")  # noqa: SIM115 (the child writes to it until it ends)
         process = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         self.processes.append(process)
+        if not wait:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
