@@ -72,6 +72,10 @@ result_backend_transport_options = {"visibility_timeout": settings.visibility_ti
 result_expires = settings.result_expires
 broker_connection_retry_on_startup = True
 task_default_queue = f"{settings.namespace}.control"
+# Broadcasts (inspect, revoke, shutdown) and task events stay within a namespace: fleets sharing a Redis
+# would otherwise answer, and a signing fleet refuse, each other's control messages.
+control_exchange = settings.namespace
+event_exchange = f"{settings.namespace}.celeryev"
 worker_prefetch_multiplier = 1
 # Task events cost the worker a publish per state change; Flower switches them on when it starts watching.
 worker_send_task_events = False

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from orchestrator import Orchestrator, RunResult, Workflow
+from workers.app import served_queues
 
 from .conftest import ROOT, SERVICES, TEST_SERVICES, WorkerProcesses, free_port, wait_for_port
 
@@ -60,6 +61,33 @@ def test_a_second_worker_shares_the_load_then_shuts_down_gracefully(test_orch: O
         if second.poll() is None:
             second.terminate()
             second.wait(30)
+
+
+# Run in a process of the other namespace: waits until that fleet's broadcast finds its worker serving.
+OTHER_FLEET_SEES = """
+import os, sys, time
+from workers.app import served_queues, use_broker
+use_broker(os.environ["REDIS_URL"])
+deadline = time.monotonic() + 60
+while sys.argv[1] not in served_queues(0.5):
+    assert time.monotonic() < deadline, "the other fleet's worker did not answer its own fleet"
+"""
+
+
+def test_fleets_sharing_a_redis_answer_only_their_own_broadcasts(workers: WorkerProcesses,
+                                                                 worker_env: dict[str, str]) -> None:  # fmt: skip
+    env = {**worker_env, "MCPO_NAMESPACE": f"{worker_env['MCPO_NAMESPACE']}-other"}
+    other_queue = f"{env['MCPO_NAMESPACE']}.testing"
+    args = [sys.executable, "-m", "orchestrator.cli", "worker", "--config", str(TEST_SERVICES), "--service", "testing"]
+    other = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen = subprocess.run([sys.executable, "-c", OTHER_FLEET_SEES, other_queue], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=90)  # fmt: skip
+        assert seen.returncode == 0, seen.stderr
+        assert other_queue not in served_queues(1.0)  # this fleet's broadcast does not reach it
+    finally:
+        other.terminate()
+        other.wait(30)
 
 
 def test_rabbitmq_as_broker(worker_env: dict[str, str], tmp_path: Path) -> None:
