@@ -18,6 +18,7 @@ import casbin
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis import Redis
 
+from orchestrator.alerts import AlertSettings
 from orchestrator.errors import InvalidToken, PermissionDenied
 from orchestrator.identity import ISSUER, Identity, OidcVerifier, TokenBook, unverified_issuer
 from orchestrator.security import security_event
@@ -95,6 +96,7 @@ class AccessSettings(BaseModel):
     oidc: OidcSettings | None = None
     role_claims: dict[str, str | list[str]] = Field(default_factory=dict)  # claim value (a group) -> role(s)
     signing: SigningSettings | None = None  # off unless given
+    alerts: AlertSettings = Field(default_factory=AlertSettings)  # repeated denials raise an alert
 
     @model_validator(mode="after")
     def _known_roles(self) -> AccessSettings:
@@ -116,6 +118,11 @@ class AccessSettings(BaseModel):
 
 def enabled(settings: AccessSettings | None) -> bool:
     return settings is not None and settings.enabled
+
+
+def alert_settings(settings: AccessSettings | None) -> AlertSettings:
+    """The alert settings of a configuration's `access:` section (the defaults without one)."""
+    return settings.alerts if settings is not None else AlertSettings()
 
 
 class Policy:

@@ -10,12 +10,11 @@ from types import TracebackType
 from typing import Any
 
 import celeryconfig
-from orchestrator.access import AccessControl, enabled
+from orchestrator.access import AccessControl, alert_settings, enabled
 from orchestrator.compiler import compile_run
 from orchestrator.config import Config, HttpServer, load_config, load_workflow
 from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunNotFound, RunTimeout, WorkflowNotFound
-from orchestrator.events import audit_security
 from orchestrator.flusher import Flusher, start_flusher
 from orchestrator.health import HISTORY, Health, HealthBook
 from orchestrator.identity import Identity, IdentitySettings, SigningKey, mint_caller
@@ -24,7 +23,7 @@ from orchestrator.registry import Registry
 from orchestrator.results import InstanceStatus, RunResult
 from orchestrator.runs import RunStore
 from orchestrator.sealing import hide_run, open_run
-from orchestrator.security import Listener, off_security_event, on_security_event
+from orchestrator.security import Listener, unwatch, watch
 from orchestrator.workflow import Graph, Workflow
 from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
@@ -81,7 +80,7 @@ class Orchestrator:
         self._served: set[str] = set()
         self._flusher: Flusher | None = None
         self._records: RecordStore | None = None
-        self._audit_security: Listener | None = None
+        self._watching: list[Listener] = []
 
     @classmethod
     def from_file(cls, path: str | Path, **options: Any) -> Orchestrator:
@@ -101,8 +100,7 @@ class Orchestrator:
             settings = celeryconfig.settings
             self._store = RunStore(connect_redis(url), settings.namespace, settings.run_ttl)
             self._flusher = start_flusher(self._store)
-            self._audit_security = audit_security(self._store.redis, settings.namespace)
-            on_security_event(self._audit_security)
+            self._watching = watch(self._store.redis, settings.namespace, alert_settings(self.config.access))
         return self._store
 
     def enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, *,
@@ -340,8 +338,7 @@ class Orchestrator:
         if self._records is not None:
             self._records.close()
         if self._store is not None:
-            if self._audit_security is not None:
-                off_security_event(self._audit_security)
+            unwatch(self._watching)
             self._store.redis.close()
             self._store = None
         if self._embedded is not None:

@@ -329,7 +329,9 @@ def worker(services: tuple[str, ...], config_path: str | None, concurrency: int 
 
 
 def _serve(config: Config, services: list[str], concurrency: int, loglevel: str) -> None:
+    from orchestrator.access import alert_settings
     from orchestrator.embedded import EmbeddedRedis
+    from orchestrator.security import watch
     from workers.app import app, control_queue, queue_for, use_broker
     from workers.signing import use_signing
 
@@ -337,6 +339,8 @@ def _serve(config: Config, services: list[str], concurrency: int, loglevel: str)
     url = settings.redis_url or EmbeddedRedis(settings.home).start()
     use_broker(url, settings.broker_url)
     use_signing(config)
+    # Refused messages are reported by the consumer, before any task builds this process's runtime: watch now.
+    watch(connect_redis(url), settings.namespace, alert_settings(config.access))
     os.environ["MCPO_CONFIG"] = str(Path(config.source or "").resolve())
     celeryconfig.settings.config = Path(os.environ["MCPO_CONFIG"])
     queues = ",".join([*(queue_for(name) for name in services), control_queue()])
@@ -371,7 +375,7 @@ def secrets_set(name: str, from_file: str | None, config_path: str | None) -> No
 
     with _errors():
         vault = _vault()
-        _require(config_path, vault.redis, "secrets", f"secret:{name}")
+        _, who = _require(config_path, vault.redis, "secrets", f"secret:{name}")
         check_name(name)
         if sys.stdin.isatty() and from_file is None:
             click.echo(f"value of secret '{name}' (end with Ctrl-D):", err=True)
@@ -379,7 +383,7 @@ def secrets_set(name: str, from_file: str | None, config_path: str | None) -> No
         if vault.ring.ensure():
             click.echo(f"created a new vault key ring in {vault.ring.path} (mode 0600): every worker needs it "
                        "(or MCPO_VAULT_KEYS); keep a copy out of Redis", err=True)  # fmt: skip
-        version = vault.set(name, value)
+        version = vault.set(name, value, who)
     click.echo(f"secret '{name}' version {version} set")
 
 
@@ -417,8 +421,8 @@ def secrets_rm(name: str, config_path: str | None) -> None:
     """Remove secret NAME and all its versions."""
     with _errors():
         vault = _vault()
-        _require(config_path, vault.redis, "secrets", f"secret:{name}")
-        if not vault.remove(name):
+        _, who = _require(config_path, vault.redis, "secrets", f"secret:{name}")
+        if not vault.remove(name, who):
             _fail(f"no secret '{name}' in the vault")
     click.echo(f"secret '{name}' removed")
 
@@ -437,8 +441,8 @@ def keys_rotate(config_path: str | None) -> None:
     """
     with _errors():
         vault = _vault()
-        _require(config_path, vault.redis, "keys", "vault")
-        rotation = vault.rotate_keys()
+        _, who = _require(config_path, vault.redis, "keys", "vault")
+        rotation = vault.rotate_keys(who)
     if rotation.source == "MCPO_VAULT_KEYS":
         click.echo(f"re-encrypted {rotation.ciphertexts} ciphertexts of {rotation.secrets} secrets under the first "
                    "key of MCPO_VAULT_KEYS; the other keys there may now be removed")  # fmt: skip
@@ -559,25 +563,24 @@ def upgrade() -> None:
 def _redis() -> Any:
     """A client of REDIS_URL or the embedded Redis."""
     from orchestrator.embedded import EmbeddedRedis
-    from orchestrator.events import audit_security
-    from orchestrator.security import on_security_event
 
     settings = celeryconfig.settings
-    redis = connect_redis(settings.redis_url or EmbeddedRedis(settings.home).start())
-    on_security_event(audit_security(redis, settings.namespace))  # token issues and revocations go on record
-    return redis
+    return connect_redis(settings.redis_url or EmbeddedRedis(settings.home).start())
 
 
-def _require(config_path: str | None, redis: Any, action: str, resource: str) -> Config:
-    """The configuration, once the caller may do action on resource (when its access control is on)."""
-    from orchestrator.access import AccessControl, enabled
+def _require(config_path: str | None, redis: Any, action: str, resource: str) -> tuple[Config, str | None]:
+    """The configuration and the caller's subject (None when access control is off), once the caller may do
+    action on resource. From here on this process's security events go on the audit chain and count for alerts."""
+    from orchestrator.access import AccessControl, alert_settings, enabled
     from orchestrator.identity import IdentitySettings
+    from orchestrator.security import watch
 
     config = _config_or_empty(config_path)
-    if config.access is not None and enabled(config.access):
-        access = AccessControl(config.access, redis, celeryconfig.settings.namespace)
-        access.require(IdentitySettings().token, action, resource)
-    return config
+    watch(redis, celeryconfig.settings.namespace, alert_settings(config.access))
+    if config.access is None or not enabled(config.access):
+        return config, None
+    access = AccessControl(config.access, redis, celeryconfig.settings.namespace)
+    return config, access.require(IdentitySettings().token, action, resource).subject
 
 
 @main.group()
@@ -597,7 +600,7 @@ def tokens_issue(subject: str, role: str, ttl: str, config_path: str | None) -> 
 
     with _errors():
         redis = _redis()
-        config = _require(config_path, redis, "admin", "tokens")
+        config, _ = _require(config_path, redis, "admin", "tokens")
         roles = (config.access or AccessSettings()).all_roles
         if role not in roles:
             _fail(f"unknown role '{role}' (roles: {', '.join(roles)})")
@@ -654,6 +657,7 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
     """Set up security in one go: the token signing key and vault key ring (mode 0600, under MCPO_HOME), an
     `access:` section in the configuration, and an admin token, printed once."""
     from orchestrator.identity import TokenBook, parse_duration
+    from orchestrator.security import watch
     from orchestrator.vault import KeyRing
 
     if not secure:
@@ -663,7 +667,9 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
         _fail("no configuration: pass --config FILE (created if missing) or set MCPO_CONFIG")
     with _errors():
         seconds = parse_duration(ttl)
-        book = TokenBook(_redis(), celeryconfig.settings.namespace)
+        redis = _redis()
+        watch(redis, celeryconfig.settings.namespace)  # the admin token's issue goes on the audit chain
+        book = TokenBook(redis, celeryconfig.settings.namespace)
         for created, what in ((book.signing.ensure(), f"token signing key {book.signing.path}"),
                               (KeyRing.from_environment().ensure(), "vault key ring")):  # fmt: skip
             click.echo(f"{'created' if created else 'kept the existing'} {what}", err=True)

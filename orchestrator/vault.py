@@ -26,6 +26,7 @@ from redis import Redis
 import celeryconfig
 from orchestrator import events, redaction
 from orchestrator.errors import KeyRingMissing, SecretNotFound, SecretUndecryptable, VaultError
+from orchestrator.security import security_event
 
 KEEP_VERSIONS = 5  # older versions are dropped: a rotation needs the new one, history needs a few
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -144,8 +145,9 @@ class Vault:
         self.ring = ring or KeyRing.from_environment()
         self._fernet: MultiFernet | None = None
 
-    def set(self, name: str, value: str) -> int:
-        """Store value as the secret's new current version; returns that version."""
+    def set(self, name: str, value: str, who: str | None = None) -> int:
+        """Store value as the secret's new current version; returns that version. `who` is the caller the
+        security event names (default: this process's user)."""
         check_name(name)
         if not value:
             raise VaultError(f"secret '{name}': the value is empty")
@@ -159,7 +161,7 @@ class Vault:
                 del entry["versions"][old]
             entry["current"] = version
             self.redis.hset(self.key, name, json.dumps(entry))
-        self._audit("secret-set", secret=name, version=version)
+        self._report("secret-set", who, secret=name, version=version)
         return version
 
     def get(self, name: str, version: int | None = None) -> str:
@@ -201,14 +203,14 @@ class Vault:
             infos.append(SecretInfo(_text(name), int(entry["current"]), versions, entry["created_at"], updated))
         return infos
 
-    def remove(self, name: str) -> bool:
+    def remove(self, name: str, who: str | None = None) -> bool:
         with self._locked():
             removed = bool(self.redis.hdel(self.key, name))
         if removed:
-            self._audit("secret-removed", secret=name)
+            self._report("secret-removed", who, secret=name)
         return removed
 
-    def rotate_keys(self) -> Rotation:
+    def rotate_keys(self, who: str | None = None) -> Rotation:
         """Put a new key first in the key file's ring, re-encrypt every secret under it, then retire the older
         keys once no ciphertext needs them. With MCPO_VAULT_KEYS, re-encrypt under its first key instead."""
         with self._locked():
@@ -222,13 +224,12 @@ class Vault:
             if not self.ring.from_env:
                 self.ring.write(keys[:1])
             self._fernet = None
-        self._audit("keys-rotated", secrets=secrets, retired=retired)
+        self._report("keys-rotated", who, secrets=secrets, retired=retired, source=self.ring.source)
         return Rotation(secrets, ciphertexts, retired, self.ring.source)
 
-    def _audit(self, action: str, **detail: Any) -> None:
-        # A credential change is an audited operation: names and versions, never a value.
-        if celeryconfig.settings.records:
-            events.record_operation(self.redis, self.namespace, action, detail=detail)
+    def _report(self, kind: str, who: str | None, **detail: Any) -> None:
+        # A credential change is a security event (the audit chain records it): names and versions, never a value.
+        security_event(kind, who or events.caller(), {"namespace": self.namespace, **detail})
 
     def _reencrypt(self, fernet: MultiFernet) -> tuple[int, int]:
         secrets = ciphertexts = 0

@@ -402,3 +402,24 @@ def test_a_refusal_at_the_worker_goes_on_the_audit_chain(secure: Secure, records
                    if run_id in (row.detail or "")]  # fmt: skip
         assert audit.verify(session)[1] is None  # the chain holds with the refusal in it
     assert len(refused) == 1 and "no caller token" in (refused[0].detail or "")
+
+
+def test_cli_secret_changes_are_audited_under_the_callers_name(secure: Secure, worker_env: dict[str, str],
+                                                              records_database: RecordsDatabase,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    config, name = str(secure.config_path), f"audited-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "value").write_text("not-a-real-secret")
+    env = {**worker_env, "MCPO_VAULT_KEY_FILE": str(tmp_path / "vault.keys")}
+    admin, viewer = {**env, "MCPO_TOKEN": secure.tokens["admin"]}, {**env, "MCPO_TOKEN": secure.tokens["viewer"]}
+    value = str(tmp_path / "value")
+    assert _cli(admin, "secrets", "set", name, "--from-file", value, "--config", config).returncode == 0
+    assert _cli(viewer, "secrets", "rm", name, "--config", config).returncode == 2
+    assert _cli(admin, "secrets", "rm", name, "--config", config).returncode == 0
+    store = RecordStore(records_database.url)
+    Flusher(secure.redis, _namespace(), store).flush(60)
+    with store.session() as session:
+        rows = [(row.action, row.who) for row in session.scalars(select(AuditRecord).order_by(AuditRecord.seq))
+                if f"secret:{name}" in (row.detail or "") or f'"secret":"{name}"' in (row.detail or "")]  # fmt: skip
+        assert audit.verify(session)[1] is None
+    assert rows == [("secret-set", "admin-user"), ("permission-denied", "viewer-user"),
+                    ("secret-removed", "admin-user")]  # fmt: skip

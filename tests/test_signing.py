@@ -18,11 +18,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from redis import Redis
+from sqlalchemy import select
 
+from orchestrator import audit
+from orchestrator.flusher import Flusher
+from orchestrator.records import RecordStore
+from orchestrator.tables import AuditRecord
 from workers.app import app
 from workers.execution import StepCall
 
-from .conftest import ROOT
+from .conftest import ROOT, RecordsDatabase
 
 
 def _identity(directory: Path, name: str) -> tuple[Path, Path]:
@@ -102,6 +108,28 @@ def signed(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         worker.wait(30)
 
 
+def _send_unsigned(signed: Signed) -> None:
+    call = StepCall(run_id=uuid.uuid4().hex, step_id="work", service="guarded", tool="work", arguments={},
+                    timeout=20, retries=0)  # fmt: skip
+    app.send_task("mcpo.call", kwargs=call.message(), queue=f"{signed.namespace}.guarded", serializer="json")
+
+
+def test_a_refused_message_goes_on_the_audit_chain_before_any_task_ran(
+    signed: Signed, redis_url: str, records_database: RecordsDatabase
+) -> None:
+    # First in this module: the worker has run no task yet, so no runtime watches its security events.
+    refused = signed.refusals()
+    _send_unsigned(signed)
+    _wait_for_refusals(signed, refused + 1)
+    store = RecordStore(records_database.url)
+    Flusher(Redis.from_url(redis_url), signed.namespace, store).flush(60)
+    with store.session() as session:
+        rows = session.scalars(select(AuditRecord).where(AuditRecord.action == "message-refused"))
+        mine = [row for row in rows if f"{signed.namespace}.guarded" in (row.detail or "")]
+        assert audit.verify(session)[1] is None
+    assert len(mine) == refused + 1 and mine[-1].who == "anonymous"
+
+
 def test_a_signed_fleet_runs_workflows(signed: Signed) -> None:
     done = signed.cli("run", "deploy", "--config", str(signed.config), "--timeout", "60")
     assert done.returncode == 0, done.stderr
@@ -117,9 +145,7 @@ def _wait_for_refusals(signed: Signed, count: int, timeout: float = 30) -> None:
 
 def test_an_unsigned_message_pushed_into_redis_is_refused(signed: Signed) -> None:
     before, refused = signed.traffic(), signed.refusals()
-    call = StepCall(run_id=uuid.uuid4().hex, step_id="work", service="guarded", tool="work", arguments={},
-                    timeout=20, retries=0)  # fmt: skip
-    app.send_task("mcpo.call", kwargs=call.message(), queue=f"{signed.namespace}.guarded", serializer="json")
+    _send_unsigned(signed)
     _wait_for_refusals(signed, refused + 1)
     assert signed.traffic() == before
 

@@ -4,7 +4,9 @@ with real worker processes, a real HTTP MCP server that requires a bearer token 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -20,15 +22,20 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis import Redis
+from sqlalchemy import select
 
 import celeryconfig
-from orchestrator import Orchestrator, RunResult, Workflow, load_config
+from orchestrator import Orchestrator, RunResult, Workflow, audit, events, load_config
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError, KeyRingMissing, SecretNotFound, SecretUndecryptable, VaultError
+from orchestrator.flusher import Flusher
+from orchestrator.records import RecordStore
+from orchestrator.security import off_security_event, on_security_event
+from orchestrator.tables import AuditRecord
 from orchestrator.vault import KEEP_VERSIONS, KeyRing, Vault
 from workers.credentials import Credentials, SecretAuth
 
-from .conftest import ROOT, WorkerProcesses, free_port, wait_for_port
+from .conftest import ROOT, RecordsDatabase, WorkerProcesses, free_port, wait_for_port
 
 SERVERS = ROOT / "tests" / "servers"
 
@@ -157,6 +164,46 @@ def test_config_references_secrets_by_name_and_keeps_plain_strings() -> None:
         parse_config({"servers": {"tool": {"command": "x", "env": {"TOKEN": {"secret": "no spaces"}}}}})
 
 
+def audited(redis: Redis, namespace: str, database: RecordsDatabase, *actions: str) -> list[AuditRecord]:
+    """The audit rows of those actions whose detail names the namespace, once its records buffer is written;
+    the chain must hold."""
+    store = RecordStore(database.url)
+    Flusher(redis, namespace, store).flush(60)
+    with store.session() as session:
+        assert audit.verify(session)[1] is None
+        rows = session.scalars(select(AuditRecord).where(AuditRecord.action.in_(actions)).order_by(AuditRecord.seq))
+        found = [row for row in rows if f'"namespace":"{namespace}"' in (row.detail or "")]
+    store.close()
+    return found
+
+
+def test_a_worker_reports_each_version_of_a_secret_it_reads_once(vault: Vault) -> None:
+    heard: list[tuple[str, dict[str, Any]]] = []
+
+    def listener(kind: str, subject: str, detail: dict[str, Any]) -> None:
+        if kind == "secret-read" and detail.get("namespace") == vault.namespace:
+            heard.append((subject, detail))
+
+    first, second = canary(), canary()
+    on_security_event(listener)
+    try:
+        vault.set("api-key", first)
+        credentials = Credentials(vault, fresh_for=0)  # every call reads the vault, as once a second would
+        for _ in range(5):
+            credentials.current("api-key")
+        vault.set("api-key", second)
+        for _ in range(5):
+            credentials.current("api-key")
+        Credentials(vault, fresh_for=0).current("api-key")  # another process reports its own first read
+    finally:
+        off_security_event(listener)
+    assert [(detail["secret"], detail["version"]) for _, detail in heard] == [("api-key", 1), ("api-key", 2),
+                                                                                ("api-key", 2)]  # fmt: skip
+    host = socket.gethostname()
+    assert {subject for subject, _ in heard} == {f"worker:{host}"} and heard[0][1]["worker"] == host
+    assert first not in repr(heard) and second not in repr(heard)
+
+
 def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT, input=stdin,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -183,7 +230,8 @@ def test_a_refusal_stays_named_for_its_caller_when_a_concurrent_request_succeeds
     assert auth.refusals.since(time.monotonic()) is None
 
 
-def test_cli_secrets_and_keys_never_show_a_value(redis_url: str, tmp_path: Path) -> None:
+def test_cli_secrets_and_keys_never_show_a_value(redis_url: str, tmp_path: Path,
+                                                records_database: RecordsDatabase) -> None:  # fmt: skip
     env = {**os.environ, "REDIS_URL": redis_url, "MCPO_NAMESPACE": f"vault-cli-{uuid.uuid4().hex[:8]}",
            "MCPO_VAULT_KEY_FILE": str(tmp_path / "keys" / "vault.keys")}  # fmt: skip
     first, second = canary(), canary()
@@ -206,6 +254,18 @@ def test_cli_secrets_and_keys_never_show_a_value(redis_url: str, tmp_path: Path)
     assert not any(value in run.stdout + run.stderr for run in outputs for value in (first, second))
     no_ring = cli({**env, "MCPO_VAULT_KEY_FILE": str(tmp_path / "nowhere.keys")}, "keys", "rotate")
     assert no_ring.returncode == 1 and "no vault key ring" in no_ring.stderr
+    # Each change is a security event on the audit chain, under the OS user (access control is off here).
+    rows = audited(vault.redis, env["MCPO_NAMESPACE"], records_database, "secret-set", "secret-removed", "keys-rotated")
+    assert [(row.action, row.who) for row in rows] == [
+        ("secret-set", events.caller()), ("secret-set", events.caller()), ("keys-rotated", events.caller()),
+        ("secret-removed", events.caller()),
+    ]  # fmt: skip
+    details = [json.loads(row.detail or "{}") for row in rows]
+    assert [(d.get("secret"), d.get("version")) for d in details] == [
+        ("github-token", 1), ("github-token", 2), (None, None), ("github-token", None)
+    ]  # fmt: skip
+    assert details[2]["secrets"] == 1 and details[2]["retired"] == 1
+    assert not any(value in (row.detail or "") for row in rows for value in (first, second))
 
 
 @dataclass
@@ -394,3 +454,24 @@ def redis_values(redis: Redis, key: bytes) -> list[bytes]:
     if kind == "stream":
         return [repr(entry).encode() for entry in redis.xrange(key)]
     return []
+
+
+def test_each_worker_reports_each_version_of_a_secret_it_reads_once(
+    fleet: Fleet, records_database: RecordsDatabase
+) -> None:
+    before = fleet.vault.current("bearer-token")[0]
+    no_failed_call(fleet.run("bearer", "echo", 3, value="read").wait(30))
+    time.sleep(1.2)  # longer than a worker caches a secret: the next calls read the same version again
+    no_failed_call(fleet.run("bearer", "echo", 3, value="read again").wait(30))
+    token = fleet.rotate_token(grace=True)
+    time.sleep(1.2)
+    no_failed_call(fleet.run("bearer", "echo", 3, value="rotated").wait(30))
+    fleet.accept(token)
+    after = fleet.vault.current("bearer-token")[0]
+    rows = audited(fleet.vault.redis, fleet.vault.namespace, records_database, "secret-read")
+    reads = [json.loads(row.detail or "{}") for row in rows]
+    mine = [(read["pid"], read["version"]) for read in reads if read["secret"] == "bearer-token"]
+    assert len(mine) == len(set(mine)), "a worker reported a version of the secret it had reported already"
+    assert {before, after} <= {version for _, version in mine} and before != after
+    assert all(row.who == f"worker:{json.loads(row.detail or '{}')['worker']}" for row in rows)
+    assert not any(value in (row.detail or "") for row in rows for value in fleet.canaries)

@@ -2,12 +2,15 @@
 
 Values are cached for a second, so a new version of a secret reaches every pooled HTTP connection on its
 next request and every stdio server within a second, at the cost of about one Redis read per secret per
-second. A value is never logged: messages name the secret and its version only.
+second. A value is never logged: messages name the secret and its version only. Each version a process reads
+is reported once (`secret-read`), not each second it is read again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Generator
@@ -17,6 +20,7 @@ from redis.exceptions import RedisError
 
 from orchestrator.config import SecretRef, StdioServer
 from orchestrator.errors import VaultError
+from orchestrator.security import security_event
 from orchestrator.vault import Vault
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,7 @@ class Credentials:
         self._fresh_for = fresh_for
         self._values: dict[str, tuple[int, str, float]] = {}  # name -> (version, value, read at)
         self._versions: tuple[dict[str, int], float] = ({}, 0.0)
+        self._reported: dict[str, int] = {}  # name -> the version last read from the vault and reported
         self._lock = threading.Lock()
 
     def current(self, name: str, read_after: float | None = None) -> tuple[int, str]:
@@ -43,7 +48,17 @@ class Credentials:
         with self._lock:
             version, value = self._vault_or_fail(name).current(name)
             self._values[name] = (version, value, time.monotonic())
+            new = self._reported.get(name) != version
+            self._reported[name] = version
+        if new:
+            self._report(name, version)
         return version, value
+
+    def _report(self, name: str, version: int) -> None:
+        host = socket.gethostname()
+        detail = {"secret": name, "version": version, "worker": host, "pid": os.getpid(),
+                  "namespace": self.vault.namespace}  # fmt: skip
+        security_event("secret-read", f"worker:{host}", detail)
 
     @property
     def vault(self) -> Vault:

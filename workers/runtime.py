@@ -5,21 +5,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.signals import worker_shutdown
 
 import celeryconfig
 from orchestrator import redaction
+from orchestrator.access import alert_settings
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.events import audit_security
 from orchestrator.flusher import start_flusher
 from orchestrator.health import Health
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
-from orchestrator.security import on_security_event
+from orchestrator.security import Listener, unwatch, watch
 from orchestrator.vault import Vault
 from workers.app import app
 from workers.balancer import Balancer
@@ -38,6 +38,7 @@ class Runtime:
     _listener: Any = None
     _flusher: Any = None
     guard: CallGuard | None = None  # access control on: checks each step's caller token before its MCP call
+    _watching: list[Listener] = field(default_factory=list)
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
@@ -50,7 +51,7 @@ class Runtime:
         redaction.install()  # an in-process worker logs through its host's handlers
         runtime._listen()
         runtime._flusher = start_flusher(store)
-        on_security_event(audit_security(store.redis, store.namespace))
+        runtime._watching = watch(store.redis, store.namespace, alert_settings(config.access))
         return runtime
 
     def check(self, service: str) -> dict[str, Health]:
@@ -99,6 +100,7 @@ class Runtime:
             self._listener.stop()
         if self._flusher is not None:
             self._flusher.stop()
+        unwatch(self._watching)
         self.pool.close()
         self.store.redis.close()
 
