@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import ColumnElement, and_, create_engine, inspect, or_, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -196,7 +196,7 @@ class _Batch:
         run_ids = {e["run_id"] for e in self.events if e.get("run_id")}
         if run_ids:
             self.runs = {r.id: r for r in self.session.scalars(select(RunRecord).where(RunRecord.id.in_(run_ids)))}
-            found = self.session.scalars(select(StepRecord).where(StepRecord.run_id.in_(run_ids)))
+            found = self.session.scalars(select(StepRecord).where(_touched(run_ids, self.events)))
             self.steps = {(s.run_id, s.step_id): s for s in found}
         # A batch written before a crash, and read again, must not be audited twice.
         self.seen = audit.seen(self.session, [e["id"] for e in self.events])
@@ -204,6 +204,15 @@ class _Batch:
     def who(self, run_id: str) -> str | None:
         run = self.runs.get(run_id)
         return run.who if run is not None else None
+
+
+def _touched(run_ids: set[str], events: list[dict[str, Any]]) -> ColumnElement[bool]:
+    """The step rows a batch's events may touch: every step of a run it enqueues, else the steps it records
+    (by id, within the batch's runs). Loading only these keeps a batch's cost to its own size, not to the
+    size of the runs it touches."""
+    whole = {e["run_id"] for e in events if e.get("kind") == "run"}
+    step_ids = {e["step_id"] for e in events if e.get("step_id")}
+    return and_(StepRecord.run_id.in_(run_ids), or_(StepRecord.run_id.in_(whole), StepRecord.step_id.in_(step_ids)))
 
 
 def _on_run(batch: _Batch, event: dict[str, Any]) -> None:
