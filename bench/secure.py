@@ -10,7 +10,6 @@ configuration are generated under the benchmark's home.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import secrets
 import subprocess
 import sys
@@ -19,15 +18,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from redis import Redis
 
 from bench._common import CONFIG, HOME, NAMESPACE, ROOT, Workers
 from orchestrator.identity import SigningKey, TokenBook
 from orchestrator.vault import KeyRing, Vault
+from workers.signing import create_identity
 
 SECURE_HOME = HOME / "secure"
 # Under the run's namespace, so the broker's clean-up at the end removes its keys and queues too.
@@ -35,28 +31,12 @@ SECURE_NAMESPACE = f"{NAMESPACE}.secure"
 SECRET = "safla-api-key"  # the SAFLA server takes it in its environment, as a real server's API key
 
 
-def identity(directory: Path, name: str) -> tuple[Path, Path]:
-    """A throwaway RSA key and its self-signed certificate, as PEM files: the key beside the directory,
-    the certificate in it (the trusted store holds certificates only). As tests/test_signing.py makes them."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))  # fmt: skip
-    directory.mkdir(parents=True, exist_ok=True)
-    key_path, cert_path = directory.parent / f"{name}.key", directory / f"{name}.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
-    key_path.chmod(0o600)  # as a real key would be kept
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 def secure_config(workflow: dict[str, Any]) -> Path:
     """bench/services.yaml with access control, signing and a vault secret in the server's environment, and
     the workflow; written under the secured home (so the server's path is made absolute)."""
-    key, cert = identity(SECURE_HOME / "trusted", "fleet")
+    # An Ed25519 key and its certificate as `init --secure` makes them, the certificate alone in the store.
+    key, cert = SECURE_HOME / "fleet.key", SECURE_HOME / "trusted" / "fleet.pem"
+    create_identity(key, cert, "fleet", days=1)
     config = yaml.safe_load(CONFIG.read_text())
     server = config["servers"]["safla"]
     server["args"] = [str((CONFIG.parent / server["args"][0]).resolve())]

@@ -654,8 +654,9 @@ def tokens_revoke(token_id: str, config_path: str | None) -> None:
 @click.option("--subject", default="admin", show_default=True, help="the admin token's subject")
 @click.option("--ttl", default="30d", show_default=True, help="the admin token's lifetime")
 def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
-    """Set up security in one go: the token signing key and vault key ring (mode 0600, under MCPO_HOME), an
-    `access:` section in the configuration, and an admin token, printed once."""
+    """Set up security in one go: the token signing key, vault key ring and message signing key and certificate
+    (keys mode 0600, under MCPO_HOME), an `access:` section in the configuration, and an admin token, printed
+    once."""
     from orchestrator.identity import TokenBook, parse_duration
     from orchestrator.security import watch
     from orchestrator.vault import KeyRing
@@ -673,6 +674,7 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
         for created, what in ((book.signing.ensure(), f"token signing key {book.signing.path}"),
                               (KeyRing.from_environment().ensure(), "vault key ring")):  # fmt: skip
             click.echo(f"{'created' if created else 'kept the existing'} {what}", err=True)
+        signing_key, certificate = _message_signing_identity()
         data = read_document(path) if path.exists() else None
         if isinstance(data, dict) and "access" in data:
             click.echo(f"kept the `access:` section of {path}", err=True)
@@ -681,10 +683,30 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
                 handle.write("\n# Access control: roles viewer, operator, admin; see README, Access control\n"
                              "access:\n  enabled: true\n")  # fmt: skip
             click.echo(f"added an `access:` section to {path}", err=True)
-        load_config(path)
+        config = load_config(path)
+        if config.access is None or config.access.signing is None:
+            click.echo(f"message signing is off: to switch it on, add `signing: {{key: {signing_key}, certificate: "
+                       f"{certificate}, store: {certificate.parent}}}` under `access:` (every process of the fleet "
+                       "needs it, and a namespace of its own; see README, Access control)", err=True)  # fmt: skip
         token, info = book.issue(subject, "admin", seconds)
     click.echo(f"admin token {info.id} for {subject}, expires {_when(info.expires_at)}; shown only now:", err=True)
     click.echo(token)
+
+
+def _message_signing_identity() -> tuple[Path, Path]:
+    """The fleet's message signing key (Ed25519) and its self-signed certificate, alone in a trusted store, under
+    MCPO_HOME: created unless the key is there. Returns the key's and the certificate's paths."""
+    from workers.signing import create_identity
+
+    home = celeryconfig.settings.home
+    key, certificate = home / "fleet.key", home / "trusted" / "fleet.pem"
+    if key.exists():
+        click.echo(f"kept the existing message signing key {key}", err=True)
+    else:
+        expires = create_identity(key, certificate, f"mcp-orchestrator {celeryconfig.settings.namespace}")
+        click.echo(f"created the message signing key {key} (Ed25519, mode 0600) and its certificate {certificate}, "
+                   f"valid until {_when(expires.timestamp())}", err=True)  # fmt: skip
+    return key, certificate
 
 
 if __name__ == "__main__":

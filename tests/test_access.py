@@ -19,7 +19,8 @@ from typing import Any
 import jwt
 import pytest
 import yaml
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from redis import Redis
 from sqlalchemy import select
 
@@ -33,6 +34,7 @@ from orchestrator.runs import RunStore
 from orchestrator.tables import AuditRecord
 from workers.app import app, queue_for
 from workers.execution import StepCall
+from workers.signing import secure_serializer
 
 from .conftest import ROOT, RecordsDatabase, WorkerProcesses
 
@@ -370,6 +372,12 @@ def test_init_secure_sets_up_keys_an_admin_token_and_the_access_section(worker_e
     token = done.stdout.strip()
     assert (tmp_path / "home" / "token.key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "home" / "vault.keys").stat().st_mode & 0o777 == 0o600
+    key, certificate = tmp_path / "home" / "fleet.key", tmp_path / "home" / "trusted" / "fleet.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert isinstance(serialization.load_pem_private_key(key.read_bytes(), None), ed25519.Ed25519PrivateKey)
+    fleet = secure_serializer(key, certificate, certificate.parent)  # the message signing key, ready to be used
+    assert fleet.deserialize(fleet.serialize({"signed": True})) == {"signed": True}
+    assert "message signing is off" in done.stderr  # until the configuration names the key
     assert load_config(config).access is not None and "testing" in load_config(config).servers
     assert _cli({**env, "MCPO_TOKEN": token}, "tokens", "list", "--config", str(config)).returncode == 0
     assert _cli(env, "tokens", "list", "--config", str(config)).returncode == 2  # no token now

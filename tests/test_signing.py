@@ -1,9 +1,10 @@
 """Celery message signing: a signed fleet runs workflows; a forged or untrusted message pushed into Redis is
-refused by the worker and reported, and no MCP traffic leaves (real Redis, a real worker, a real MCP server)."""
+refused by the worker and reported, and no MCP traffic leaves (real Redis, a real worker, a real MCP server).
+And the serializer on its own: Ed25519 and RSA keys, and what it refuses."""
 
 from __future__ import annotations
 
-import datetime
+import base64
 import subprocess
 import sys
 import time
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from celery.exceptions import SecurityError
+from celery.security.certificate import Certificate, FSCertStore
+from celery.security.key import PrivateKey
+from celery.security.serialization import SecureSerializer
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from redis import Redis
 from sqlalchemy import select
 
@@ -25,31 +27,29 @@ from orchestrator import audit
 from orchestrator.flusher import Flusher
 from orchestrator.records import RecordStore
 from orchestrator.tables import AuditRecord
-from workers.app import app
+from workers.app import app, use_broker
 from workers.execution import StepCall
+from workers.signing import MessageCertificate, MessageCertStore, SigningPrivateKey, create_identity, secure_serializer
 
 from .conftest import ROOT, RecordsDatabase
 
 
-def _identity(directory: Path, name: str) -> tuple[Path, Path]:
-    """A throwaway RSA key (beside the directory: a certificate store holds certificates only) and its
-    self-signed certificate in the directory, as PEM files."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))  # fmt: skip
+def _identity(directory: Path, name: str, key: SigningPrivateKey | None = None) -> tuple[Path, Path]:
+    """A throwaway key (Ed25519 unless given; beside the directory: a certificate store holds certificates only)
+    and its self-signed certificate in the directory, as PEM files."""
     key_path, cert_path = directory.parent / f"{name}.key", directory / f"{name}.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))  # fmt: skip
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    create_identity(key_path, cert_path, name, days=1, key=key)
     return key_path, cert_path
+
+
+def _rsa() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @dataclass
 class Signed:
     config: Path
+    rsa_config: Path
     untrusted: Path
     env: dict[str, str]
     log: Path
@@ -64,7 +64,9 @@ class Signed:
         return len(self.calls.read_text().splitlines()) if self.calls.exists() else 0
 
     def refusals(self) -> int:
-        return self.log.read_text(errors="replace").count('"event": "message-refused"')
+        # Refusals on this fleet's service queue only: the worker also refuses other processes' JSON broadcasts.
+        queue = f"{self.namespace}.guarded"
+        return self.log.read_text(errors="replace").count(f'"event": "message-refused", "queue": "{queue}"')
 
 
 def _config(home: Path, key: Path, cert: Path, store: Path, state: Path) -> dict[str, object]:
@@ -78,15 +80,18 @@ def _config(home: Path, key: Path, cert: Path, store: Path, state: Path) -> dict
 
 
 @pytest.fixture(scope="module")
-def signed(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signed]:
+def signed(worker_env: dict[str, str], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signed]:
+    use_broker(redis_url)  # this process sends the unsigned message: to the tests' Redis, the embedded one too
     home = tmp_path_factory.mktemp("signed")
     store = home / "trusted"
     store.mkdir()
     key, cert = _identity(store, "fleet")
+    rsa_key, rsa_cert = _identity(store, "fleet-rsa", _rsa())  # an RSA key, as fleets had before, trusted too
     bad_key, bad_cert = _identity(home, "mallory")
     state = home / "state.json"
-    path, untrusted = home / "signed.yaml", home / "untrusted.yaml"
+    path, rsa_path, untrusted = home / "signed.yaml", home / "rsa.yaml", home / "untrusted.yaml"
     path.write_text(yaml.safe_dump(_config(home, key, cert, store, state)))
+    rsa_path.write_text(yaml.safe_dump(_config(home, rsa_key, rsa_cert, store, state)))
     untrusted.write_text(yaml.safe_dump(_config(home, bad_key, bad_cert, store, state)))
     # A namespace of its own: every worker consumes its namespace's control queue, and unsigned workers of
     # other tests must neither take nor be given this fleet's messages.
@@ -102,7 +107,7 @@ def signed(worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         while " ready." not in log.read_text(errors="replace"):
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
             time.sleep(0.2)
-        yield Signed(path, untrusted, env, log, state.with_suffix(".calls"), namespace)
+        yield Signed(path, rsa_path, untrusted, env, log, state.with_suffix(".calls"), namespace)
     finally:
         worker.terminate()
         worker.wait(30)
@@ -136,6 +141,14 @@ def test_a_signed_fleet_runs_workflows(signed: Signed) -> None:
     assert signed.traffic() >= 1
 
 
+def test_a_run_signed_with_an_rsa_key_succeeds(signed: Signed) -> None:
+    # The run's messages are signed with RSA and verified by the worker (which signs its own with Ed25519).
+    before, refused = signed.traffic(), signed.refusals()
+    done = signed.cli("run", "deploy", "--config", str(signed.rsa_config), "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert signed.traffic() > before and signed.refusals() == refused
+
+
 def _wait_for_refusals(signed: Signed, count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while signed.refusals() < count:
@@ -164,3 +177,58 @@ def test_a_message_signed_by_an_untrusted_key_is_refused(signed: Signed) -> None
     assert sent.returncode == 0, sent.stderr
     _wait_for_refusals(signed, refused + 1)
     assert signed.traffic() == before
+
+
+MESSAGE = {"task": "mcpo.call", "kwargs": {"tool": "work", "arguments": {"target": "staging"}}}
+
+
+def _altered(data: str) -> str:
+    """The signed message with its body changed and its signature and signer kept."""
+    head, body = base64.b64decode(data).rsplit(b"\x00\x01", 1)  # the body is the last field
+    assert b"staging" in body
+    return base64.b64encode(head + b"\x00\x01" + body.replace(b"staging", b"prod")).decode()
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_the_serializer_accepts_only_unaltered_messages_of_trusted_keys(kind: str, tmp_path: Path) -> None:
+    store = tmp_path / "trusted"
+    key, cert = _identity(store, "fleet", _rsa() if kind == "rsa" else None)
+    mallory_key, mallory_cert = _identity(tmp_path / "elsewhere", "mallory")  # Ed25519, not in the store
+    fleet = secure_serializer(key, cert, store)
+    signed = fleet.serialize(MESSAGE)
+    assert fleet.deserialize(signed) == MESSAGE
+    with pytest.raises(SecurityError, match="Bad signature"):
+        fleet.deserialize(_altered(signed))
+    with pytest.raises(SecurityError, match="Unknown certificate"):
+        fleet.deserialize(secure_serializer(mallory_key, mallory_cert, store).serialize(MESSAGE))
+    with pytest.raises(SecurityError, match="Bad signature"):  # mallory's signature, the fleet's signer id
+        fleet.deserialize(secure_serializer(mallory_key, cert, store).serialize(MESSAGE))
+
+
+def test_a_certificate_expired_since_the_start_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, cert = _identity(tmp_path / "trusted", "fleet")
+    fleet = secure_serializer(key, cert, tmp_path / "trusted")
+    signed = fleet.serialize(MESSAGE)
+    monkeypatch.setattr(MessageCertificate, "has_expired", lambda self: True)
+    with pytest.raises(SecurityError, match="Expired certificate"):
+        fleet.deserialize(signed)
+
+
+def test_the_store_refuses_a_duplicate_certificate_and_an_empty_directory(tmp_path: Path) -> None:
+    _, cert = _identity(tmp_path / "trusted", "fleet")
+    (tmp_path / "trusted" / "copy.pem").write_bytes(cert.read_bytes())
+    with pytest.raises(SecurityError, match="Duplicate certificate"):
+        MessageCertStore(tmp_path / "trusted")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SecurityError, match="no trusted certificate"):
+        MessageCertStore(tmp_path / "empty")
+
+
+def test_rsa_messages_are_celerys_own(tmp_path: Path) -> None:
+    # An RSA fleet signs and verifies as Celery's setup_security does: its processes can be updated one by one.
+    key, cert = _identity(tmp_path / "trusted", "fleet", _rsa())
+    ours = secure_serializer(key, cert, tmp_path / "trusted")
+    celerys = SecureSerializer(PrivateKey(key.read_text()), Certificate(cert.read_text()),
+                               FSCertStore(str(tmp_path / "trusted")), "sha256", serializer="json")  # fmt: skip
+    assert celerys.deserialize(ours.serialize(MESSAGE)) == MESSAGE
+    assert ours.deserialize(celerys.serialize(MESSAGE)) == MESSAGE
