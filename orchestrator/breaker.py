@@ -21,6 +21,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 
 State = Literal["closed", "open", "half_open"]
 
@@ -203,7 +204,7 @@ class CircuitBreaker:
     def _ask(self, now: float | None, pipe: Pipeline | None) -> Any:
         s = self.settings
         args = [_ms(now), s.permitted_calls_in_half_open, int(s.wait_in_open * 1000)]
-        return self._acquire(keys=[self.key], args=args, client=pipe)
+        return _run(self._acquire, [self.key], args, pipe)
 
     @staticmethod
     def permit(reply: Any) -> Permit:
@@ -223,13 +224,10 @@ class CircuitBreaker:
         queued on `pipe` for the caller to execute."""
         s = self.settings
         slow = duration >= s.slow_call_duration
-        reply = self._record(
-            keys=[self.key, self.window_key],
-            args=[_ms(now), permit.generation, int(failed), int(slow), s.window_size, s.minimum_calls,
-                  s.failure_rate_threshold, s.slow_call_rate_threshold, int(s.wait_in_open * 1000),
-                  s.permitted_calls_in_half_open],
-            client=pipe,
-        )  # fmt: skip
+        args = [_ms(now), permit.generation, int(failed), int(slow), s.window_size, s.minimum_calls,
+                s.failure_rate_threshold, s.slow_call_rate_threshold, int(s.wait_in_open * 1000),
+                s.permitted_calls_in_half_open]  # fmt: skip
+        reply = _run(self._record, [self.key, self.window_key], args, pipe)
         return None if pipe is not None else _state(reply[0])
 
     def beat(self, passed: bool, now: float | None = None) -> State:
@@ -260,6 +258,16 @@ class CircuitBreaker:
 
     def reset(self) -> None:
         self._redis.delete(self.key, self.window_key)
+
+
+def _run(script: Script, keys: list[str], args: list[Any], pipe: Pipeline | None) -> Any:
+    """Run a script now, or queue it on `pipe` as a plain EVAL: redis-py checks every script a pipeline
+    carries with a SCRIPT EXISTS round trip before executing it, which costs more than sending the text,
+    and the text cannot be missing from a server that restarted."""
+    if pipe is None:
+        return script(keys=keys, args=args)
+    pipe.eval(cast(str, script.script), len(keys), *keys, *args)  # registered from str sources
+    return None
 
 
 def _state(value: Any) -> State:
