@@ -33,6 +33,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     task_default_queue=QUEUE,
     worker_hijack_root_logger=False,
+    # The benchmark finds this worker up by the same broadcast as its own: the exchanges of its namespace.
+    control_exchange=os.environ.get("MCPO_NAMESPACE", "celery"),
+    event_exchange=f"{os.environ.get('MCPO_NAMESPACE', 'celery')}.celeryev",
 )
 
 
