@@ -23,6 +23,8 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.commands.core import Script
 
+from orchestrator.scripts import Lua
+
 State = Literal["closed", "open", "half_open"]
 
 _NOW = """
@@ -190,6 +192,7 @@ class CircuitBreaker:
         self._redis = redis
         self._acquire = redis.register_script(ACQUIRE)
         self._record = redis.register_script(RECORD)
+        self._queued = {ACQUIRE: Lua(ACQUIRE), RECORD: Lua(RECORD)}
         self._probe = redis.register_script(PROBE)
         self._give_back = redis.register_script(GIVE_BACK)
 
@@ -198,13 +201,21 @@ class CircuitBreaker:
         return self.permit(self._ask(now, None))
 
     def ask(self, pipe: Pipeline) -> None:
-        """Queue an ask on `pipe`, to share a round trip the caller makes anyway; `permit` reads its reply."""
+        """Queue an ask on `pipe`, to share a round trip the caller makes anyway (executed with
+        `orchestrator.scripts.execute`); `permit` reads its reply."""
         self._ask(None, pipe)
 
     def _ask(self, now: float | None, pipe: Pipeline | None) -> Any:
         s = self.settings
         args = [_ms(now), s.permitted_calls_in_half_open, int(s.wait_in_open * 1000)]
-        return _run(self._acquire, [self.key], args, pipe)
+        return self._run(self._acquire, [self.key], args, pipe)
+
+    def _run(self, script: Script, keys: list[str], args: list[Any], pipe: Pipeline | None) -> Any:
+        """Run a script now, or queue it on `pipe` by its SHA (orchestrator/scripts.py says why)."""
+        if pipe is None:
+            return script(keys=keys, args=args)
+        self._queued[cast(str, script.script)].queue(pipe, keys, args)  # registered from str sources
+        return None
 
     @staticmethod
     def permit(reply: Any) -> Permit:
@@ -221,13 +232,13 @@ class CircuitBreaker:
         self, permit: Permit, failed: bool, duration: float, now: float | None = None, pipe: Pipeline | None = None
     ) -> State | None:
         """Record a permitted call's outcome (one round trip); returns the state after it, or None when
-        queued on `pipe` for the caller to execute."""
+        queued on `pipe` for the caller to execute (with `orchestrator.scripts.execute`)."""
         s = self.settings
         slow = duration >= s.slow_call_duration
         args = [_ms(now), permit.generation, int(failed), int(slow), s.window_size, s.minimum_calls,
                 s.failure_rate_threshold, s.slow_call_rate_threshold, int(s.wait_in_open * 1000),
                 s.permitted_calls_in_half_open]  # fmt: skip
-        reply = _run(self._record, [self.key, self.window_key], args, pipe)
+        reply = self._run(self._record, [self.key, self.window_key], args, pipe)
         return None if pipe is not None else _state(reply[0])
 
     def beat(self, passed: bool, now: float | None = None) -> State:
@@ -258,16 +269,6 @@ class CircuitBreaker:
 
     def reset(self) -> None:
         self._redis.delete(self.key, self.window_key)
-
-
-def _run(script: Script, keys: list[str], args: list[Any], pipe: Pipeline | None) -> Any:
-    """Run a script now, or queue it on `pipe` as a plain EVAL: redis-py checks every script a pipeline
-    carries with a SCRIPT EXISTS round trip before executing it, which costs more than sending the text,
-    and the text cannot be missing from a server that restarted."""
-    if pipe is None:
-        return script(keys=keys, args=args)
-    pipe.eval(cast(str, script.script), len(keys), *keys, *args)  # registered from str sources
-    return None
 
 
 def _state(value: Any) -> State:

@@ -20,7 +20,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 import celeryconfig
-from orchestrator import events
+from orchestrator import events, scripts
 from orchestrator.errors import RunNotFound
 from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
 from orchestrator.sealing import seal_params
@@ -124,7 +124,7 @@ class RunStore:
             pipe.hmget(self._steps_key(run_id), ids)
         if mark is not None:
             self.save_step(run_id, mark[0], mark[1], pipe)
-        replies = pipe.execute()
+        replies = scripts.execute(pipe)  # the caller's commands may be scripts
         earlier, replies = replies[:theirs], replies[theirs:]
         status, params = replies[0]
         if status is None:

@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis import Redis
+from redis.exceptions import ResponseError
 
+from orchestrator import scripts
 from orchestrator.breaker import BreakerSettings, CircuitBreaker, Permit
 
 SETTINGS = BreakerSettings(window_size=5, minimum_calls=3, failure_rate_threshold=50, slow_call_duration=1.0,
@@ -210,6 +212,24 @@ def test_a_trial_given_back_lets_another_call_try() -> None:
     assert all(p.allowed and p.generation > trials[1].generation for p in later)
     breaker.give_back(trials[1])  # from an older generation: frees nothing
     assert not breaker.acquire(1031.0).allowed
+
+
+def test_a_pipeline_resends_only_the_scripts_a_server_lost(client: Redis) -> None:
+    key = f"test-breaker-pipe-{uuid.uuid4().hex}"
+    breaker = CircuitBreaker(client, key, SETTINGS)
+    breaker.acquire()  # loads the scripts
+    client.script_flush()  # as a restarted server would be
+    pipe = client.pipeline(transaction=False)
+    breaker.ask(pipe)
+    pipe.incr(f"{key}:counter")
+    replies = scripts.execute(pipe)
+    assert CircuitBreaker.permit(replies[0]).allowed and replies[1] == 1  # the counter went up once, not twice
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(f"{key}:counter", "x")  # a wrong type: other errors still raise
+    with pytest.raises(ResponseError):
+        scripts.execute(pipe)
+    breaker.reset()
+    client.delete(f"{key}:counter")
 
 
 def test_health_beats_feed_the_breaker() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
+from orchestrator import scripts
 from orchestrator.breaker import CircuitBreaker, Permit
 from orchestrator.config import Config, HttpServer, StdioServer
 from orchestrator.errors import CircuitOpen, Unavailable
@@ -185,7 +186,7 @@ class Balancer:
         if lease.token is not None:
             pipe.zrem(self._in_flight_key(lease.service, lease.instance), lease.token)
         if own:
-            pipe.execute()
+            scripts.execute(pipe)
 
     def avoid(self, service: str, instance: str) -> None:
         """A call just failed on this instance: let the others take calls for a while."""

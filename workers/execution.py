@@ -17,6 +17,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
+from orchestrator import scripts
 from orchestrator.errors import Cancelled, OrchestratorError, PermissionDenied, ToolError, TransportError, Unavailable
 from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
@@ -138,7 +139,7 @@ def _run(runtime: Runtime, call: StepCall, result: StepResult, status: str, para
         if lease is not None:
             runtime.balancer.release(lease, False, pipe)
         store.save_step(call.run_id, call.step_id, outcome, pipe)
-        pipe.execute()
+        scripts.execute(pipe)
     return outcome
 
 
