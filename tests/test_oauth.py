@@ -266,8 +266,7 @@ def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str], 
     path.write_text(yaml.safe_dump(config))
     VaultTokenStorage(vault, "protected", "").clear()
     pool = WorkerProcesses(env, workers.log_dir)
-    pool.start("protected", config=path, concurrency=20)
-    pool.start("protected", config=path, concurrency=20)
+    pool.start_each([("protected",), ("protected",)], config=path, concurrency=20)
     wait_for_workers(queue_for("protected"), 2)
     logs = [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"]
     worker_logs = [pool.log_dir / f"worker-protected-{n}.log" for n in range(2)]

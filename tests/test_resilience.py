@@ -72,8 +72,7 @@ def faulty(redis_url: str, workers: WorkerProcesses, test_orch: Orchestrator,
     path = home / "faulty.yaml"
     path.write_text(yaml.safe_dump(config))
     loaded = load_config(path)
-    workers.start("faulty", config=path)
-    workers.start("faulty", config=path)
+    workers.start_each([("faulty",), ("faulty",)], config=path)
     with Orchestrator(loaded, redis_url=redis_url) as orchestrator:
         namespace = orchestrator.store.namespace
         breaker = CircuitBreaker.of(

@@ -9,6 +9,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger
 
 import celeryconfig
+from orchestrator import redaction
 from workers.transport import transport_for
 
 app = Celery("mcp_orchestrator", include=["tasks.calls"])
@@ -20,8 +21,6 @@ app.set_default()
 def _redact_logs(logger: logging.Logger, **_: Any) -> None:
     """Every handler a worker logs through redacts secrets, DEBUG included (Celery's task logger does not
     propagate to the root's handlers, so it gets the filter too)."""
-    from orchestrator import redaction  # here: importing the orchestrator package imports this module
-
     redaction.install(logger)
 
 

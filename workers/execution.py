@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
@@ -23,8 +23,12 @@ from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
 from orchestrator.sealing import open_params, open_result, open_run, seal_errors, seal_result, sealer
-from workers.balancer import Ask, Lease
-from workers.runtime import Runtime
+
+# Type hints only: the compiler imports StepCall in every process that enqueues, and the runtime brings the MCP
+# SDK (its session pool), which only a worker needs — and a worker has it already (tasks.calls imports it).
+if TYPE_CHECKING:
+    from workers.balancer import Ask, Lease
+    from workers.runtime import Runtime
 
 BACKOFF = wait_random_exponential(multiplier=0.5, max=30)  # full jitter: uniform in [0, min(30, 0.5 * 2^n)]
 
