@@ -8,6 +8,7 @@ then each list in `parallelSteps` runs as one parallel group, the groups in orde
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -109,9 +110,10 @@ class Graph:
     def __post_init__(self) -> None:
         self.index.update({step.id: step for step in self.steps})
 
-    @property
+    @functools.cached_property
     def sensitive(self) -> bool:
-        """Whether the run's params and output are sealed: some step handles sensitive data."""
+        """Whether the run's params and output are sealed: some step handles sensitive data (asked once per
+        step by the compiler, so kept)."""
         return any(step.sensitive for step in self.steps)
 
     def ancestors(self, step_id: str) -> set[str]:
