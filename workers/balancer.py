@@ -134,6 +134,8 @@ class Balancer:
 
     def ask_ahead(self, service: str, pipe: Pipeline) -> Ask | None:
         """Queue the breaker's ask for a service of one instance on `pipe`; None when there is none to ask."""
+        if service not in self.config.services:  # the lease will say so, where the step records its failure
+            return None
         view = self.view(service)
         if len(view.servers) != 1:
             return None
