@@ -8,13 +8,14 @@ dependency still holds, though a step may wait for a source it does not depend o
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from celery import chain, group
-from celery.canvas import Signature, _chord
+from celery.canvas import Signature, _chain, _chord
 
 from orchestrator.config import Config
 from orchestrator.expressions import references
@@ -151,11 +152,36 @@ def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str |
     """
     options: dict[str, Any] = {"after_fallback": after_fallback} if after_fallback else {}
     finish = app.signature("mcpo.finish", args=(run_id,), kwargs=options, immutable=True, queue=control_queue())
-    return to_canvas(
+    canvas = to_canvas(
         shape(graph),
         lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id], caller, graph.sensitive)),
         finish,
     )
+    _relayed(canvas)
+    return canvas
+
+
+def _relayed(signature: Signature) -> None:
+    """Drop the caller token of every call that directly follows another call in a chain: the worker of the one
+    before hands its token on (tasks/calls.py) as it sends the next message. A chain's first message carries every
+    later step, so a token in each step's message made a chain's messages quadratic in the token's size."""
+    members: list[Signature] = []
+    if isinstance(signature, _chain):
+        members = list(signature.tasks)
+        for before, after in itertools.pairwise(members):
+            if _is_call(before) and _is_call(after):
+                after.kwargs.pop("caller", None)
+    elif isinstance(signature, _chord):
+        header = signature.tasks
+        members = [*(header.tasks if isinstance(header, group) else header), signature.body]
+    elif isinstance(signature, group):
+        members = list(signature.tasks)
+    for member in members:
+        _relayed(member)
+
+
+def _is_call(signature: Signature) -> bool:
+    return not isinstance(signature, _chain | group | _chord) and signature.task == "mcpo.call"
 
 
 def step_call(config: Config, run_id: str, step: PlannedStep, caller: str | None = None,
@@ -204,7 +230,7 @@ def step_signature(step: StepCall) -> Signature:
     Flower and logs show `shown(step)`: Celery would otherwise build that text from every field.
     """
     return app.signature("mcpo.call", kwargs=step.message(), immutable=True, queue=queue_for(step.service),
-                         shadow=f"{step.service}.{step.tool}", argsrepr="()", kwargsrepr=shown(step))  # fmt: skip
+                         shadow=f"{step.service}.{step.tool}", kwargsrepr=shown(step))  # fmt: skip
 
 
 def shown(step: StepCall) -> str:

@@ -11,11 +11,12 @@ from orchestrator.compiler import shown, step_signature
 from workers import runtime
 from workers.app import app
 from workers.execution import Reroute, Retry, StepCall, execute_step, finish_run
+from workers.request import DecodedRequest
 
 
 # Results live in the run store; Celery's result backend is still told of chord members (Celery does that
 # whatever ignore_result says), so ignoring results costs fan-ins nothing.
-@app.task(name="mcpo.call", bind=True, max_retries=None, ignore_result=True)
+@app.task(name="mcpo.call", bind=True, max_retries=None, ignore_result=True, Request=DecodedRequest)
 def call(self: Task, **message: Any) -> dict[str, Any]:
     """One MCP tool call; shown as `service.tool` in logs and Flower (the signature's shadow name)."""
     outcome = execute_step(runtime.current(), StepCall(**message), self.request.hostname)
@@ -25,10 +26,19 @@ def call(self: Task, **message: Any) -> dict[str, Any]:
     if isinstance(outcome, Reroute):
         # The fallback service's queue takes the call, keeping its place in the canvas.
         raise self.replace(step_signature(outcome.call))
+    _hand_on(self.request.chain, message.get("caller"))
     return {"step": message["step_id"], "status": outcome.status}
 
 
-@app.task(name="mcpo.finish", bind=True, ignore_result=True)
+def _hand_on(chain: list[dict[str, Any]] | None, caller: str | None) -> None:
+    """Give the chain's next call this step's caller token: the compiler leaves it out of calls that follow a call
+    (orchestrator/compiler.py), and Celery sends that next message once this task returns."""
+    following = chain[-1] if chain else None
+    if caller and following and following.get("task") == "mcpo.call":
+        following["kwargs"].setdefault("caller", caller)
+
+
+@app.task(name="mcpo.finish", bind=True, ignore_result=True, Request=DecodedRequest)
 def finish(self: Task, run_id: str, after_fallback: str | None = None) -> str:
     """Aggregate a run once every step has ended; a failed run with a fallback workflow runs that first."""
     current = runtime.current()
@@ -39,7 +49,7 @@ def finish(self: Task, run_id: str, after_fallback: str | None = None) -> str:
     raise self.replace(maybe_signature(canvas, app=app))
 
 
-@app.task(name="mcpo.health")
+@app.task(name="mcpo.health", Request=DecodedRequest)
 def health(service: str) -> dict[str, dict[str, Any]]:
     """A health beat for every instance of a service, run on the service's own queue: liveness, latency
     and tools recorded in Redis, and each instance's breaker fed."""

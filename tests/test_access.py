@@ -12,10 +12,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import fakeredis
 import jwt
 import pytest
 import yaml
@@ -25,13 +27,15 @@ from redis import Redis
 from sqlalchemy import select
 
 from orchestrator import Orchestrator, Workflow, audit, load_config
-from orchestrator.access import AccessControl, AccessSettings
+from orchestrator.access import AccessControl, AccessSettings, Policy
+from orchestrator.compiler import compile_run
 from orchestrator.errors import InvalidToken, PermissionDenied
 from orchestrator.flusher import Flusher
-from orchestrator.identity import Identity, SigningKey, TokenBook, mint_caller
+from orchestrator.identity import Identity, Revocations, SigningKey, TokenBook, mint_caller
 from orchestrator.records import RecordStore
 from orchestrator.runs import RunStore
 from orchestrator.tables import AuditRecord
+from workers import guard
 from workers.app import app, queue_for
 from workers.execution import StepCall
 from workers.signing import secure_serializer
@@ -90,6 +94,11 @@ def secure(redis_url: str, workers: WorkerProcesses, tmp_path_factory: pytest.Te
         "workflows": {
             "deploy-app": {"steps": [{"id": "work", "service": "guarded", "tool": "work", "parameters": {"x": 1}}]},
             "other": {"steps": [{"id": "work", "service": "guarded", "tool": "work", "parameters": {"x": 2}}]},
+            # a, then b and c together, then d, e and f in a chain: each shape a caller token travels through.
+            "deploy-dag": {"steps": [{"id": step, "service": "guarded", "tool": "work", "parameters": {"x": 3},
+                                      "depends_on": deps} for step, deps in
+                                     [("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]), ("e", ["d"]),
+                                      ("f", ["e"])]]},
         },
         "access": {"enabled": True, "roles": {"deployer": {"permissions": {"run": ["workflow:deploy-*"]}}}},
     }  # fmt: skip
@@ -209,6 +218,35 @@ def test_worker_refuses_a_message_without_a_valid_caller_token(secure: Secure, c
     assert step.status == "failed" and step.error_type == "PermissionDenied"
     assert reason in (step.error or "")
     assert secure.calls() == before  # no MCP traffic left the worker
+
+
+def test_a_caller_token_checked_once_is_still_bound_to_its_run_and_refused_once_expired(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = SigningKey(base64.urlsafe_b64encode(b"k" * 32).decode())
+    check = guard.CallGuard(Policy(AccessSettings()), key, Revocations(fakeredis.FakeRedis(), "ns"))
+    token = mint_caller(key.load(), Identity("olga", ("operator",), None, None, "issued"), "r1", "wf", "run", 30)
+    call = StepCall(run_id="r1", step_id="s", service="svc", tool="t", arguments={}, timeout=5, retries=0, caller=token)
+    assert check.refusal(call) is None
+    assert check.refusal(call) is None  # its signature is not checked again
+    assert "bound to another run" in (check.refusal(replace(call, run_id="r2")) or "")
+    monkeypatch.setattr(guard, "time", SimpleNamespace(time=lambda: time.time() + 60))
+    assert check.refusal(call) == "permission denied: invalid caller token (expired)"
+
+
+def test_a_chain_hands_its_caller_token_on_so_each_message_carries_one(secure: Secure) -> None:
+    canvas = compile_run(load_config(secure.config_path), "r1", _graph(secure, "deploy-dag"), caller="t0ken")
+    assert json.dumps(dict(canvas)).count("t0ken") == 4  # a, b, c and d: e and f get theirs from the step before
+    secure.state.write_text(json.dumps({"mode": "ok"}))
+    with secure.orch(secure.tokens["operator"]) as orch:
+        result = orch.run("deploy-dag", timeout=60)
+    assert result.status == "succeeded", result.errors
+    assert sorted(result.steps) == list("abcdef")
+
+
+def _graph(secure: Secure, workflow: str) -> Any:
+    config = load_config(secure.config_path)
+    return config.graph(config.workflow(workflow), workflow)
 
 
 def test_worker_runs_a_message_with_a_valid_caller_token_and_refuses_it_once_revoked(secure: Secure) -> None:

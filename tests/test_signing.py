@@ -5,6 +5,7 @@ And the serializer on its own: Ed25519 and RSA keys, and what it refuses."""
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,6 +22,7 @@ from celery.security.certificate import Certificate, FSCertStore
 from celery.security.key import PrivateKey
 from celery.security.serialization import SecureSerializer
 from cryptography.hazmat.primitives.asymmetric import rsa
+from kombu import Message
 from redis import Redis
 from sqlalchemy import select
 
@@ -27,8 +30,10 @@ from orchestrator import audit
 from orchestrator.flusher import Flusher
 from orchestrator.records import RecordStore
 from orchestrator.tables import AuditRecord
+from tasks.calls import call
 from workers.app import app, use_broker
 from workers.execution import StepCall
+from workers.request import DecodedRequest
 from workers.signing import MessageCertificate, MessageCertStore, SigningPrivateKey, create_identity, secure_serializer
 
 from .conftest import ROOT, RecordsDatabase
@@ -232,3 +237,20 @@ def test_rsa_messages_are_celerys_own(tmp_path: Path) -> None:
                                FSCertStore(str(tmp_path / "trusted")), "sha256", serializer="json")  # fmt: skip
     assert celerys.deserialize(ours.serialize(MESSAGE)) == MESSAGE
     assert ours.deserialize(celerys.serialize(MESSAGE)) == MESSAGE
+
+
+def test_a_worker_decodes_each_task_message_once() -> None:
+    # The consumer decodes (for a signed message: verifies) each message as it arrives; the pool is handed that.
+    class Counted(Message):  # type: ignore[misc]
+        decodes = 0
+
+        def _decode(self) -> Any:
+            Counted.decodes += 1
+            return super()._decode()
+
+    payload = [[], {"run_id": "r1", "step_id": "s1"}, {"callbacks": None, "errbacks": None, "chain": None}]
+    message = Counted(body=json.dumps(payload), content_type="application/json", content_encoding="utf-8",
+                      headers={"id": "t1", "task": "mcpo.call"}, delivery_info={})  # fmt: skip
+    request = DecodedRequest(message, app=app, task=call)
+    assert (request.body, request.content_type) == (payload, None)  # no content type: Celery's pool decodes nothing
+    assert request.kwargs == payload[1] and Counted.decodes == 1

@@ -3,11 +3,13 @@
 Anyone who can write to the broker could otherwise make a worker call any tool with the fleet's credentials,
 so with access control on every `mcpo.call` message must carry its run's caller token: signed with the token
 key, not expired, not revoked, bound to the message's run, and for a workflow the caller's role may run. The
-signature is checked locally; the revoked set is read from Redis at most once a second.
+signature is checked locally, once per token (a run's steps all carry the same one; expiry is checked on every
+use); the revoked set is read from Redis at most once a second.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from redis import Redis
@@ -15,11 +17,14 @@ from redis import Redis
 from orchestrator.access import Policy, enabled
 from orchestrator.config import Config
 from orchestrator.errors import InvalidToken
-from orchestrator.identity import CallerClaims, Revocations, SigningKey, verify_caller
+from orchestrator.identity import LEEWAY, CallerClaims, Revocations, SigningKey, verify_caller
 from orchestrator.security import security_event
 
 if TYPE_CHECKING:  # workers.execution imports the runtime, which holds this guard
     from workers.execution import StepCall
+
+
+VERIFIED_KEPT = 1024  # tokens whose signature this worker checked: one per run it served lately
 
 
 class CallGuard:
@@ -30,6 +35,7 @@ class CallGuard:
         self.signing = signing
         self.revocations = revocations
         self._key: bytes | None = None
+        self._verified: dict[str, CallerClaims] = {}  # by token
 
     @classmethod
     def of(cls, config: Config, redis: Redis, namespace: str) -> CallGuard | None:
@@ -56,9 +62,18 @@ class CallGuard:
     def _claims(self, call: StepCall) -> CallerClaims:
         if not call.caller:
             raise InvalidToken("the message carries no caller token")
+        claims = self._verified.get(call.caller)
+        if claims is not None:
+            if claims.expires_at + LEEWAY <= time.time():
+                raise InvalidToken("invalid caller token (expired)")
+            return claims
         if self._key is None:
             self._key = self.signing.load()
-        return verify_caller(self._key, call.caller)
+        claims = verify_caller(self._key, call.caller)
+        if len(self._verified) >= VERIFIED_KEPT:
+            self._verified.clear()
+        self._verified[call.caller] = claims
+        return claims
 
     def _reason(self, call: StepCall, claims: CallerClaims) -> str | None:
         if claims.run_id != call.run_id:
