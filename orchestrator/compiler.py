@@ -230,7 +230,7 @@ def step_signature(step: StepCall) -> Signature:
     Flower and logs show `shown(step)`: Celery would otherwise build that text from every field.
     """
     return app.signature("mcpo.call", kwargs=step.message(), immutable=True, queue=queue_for(step.service),
-                         shadow=f"{step.service}.{step.tool}", kwargsrepr=shown(step))  # fmt: skip
+                         shadow=f"{step.service}.{step.tool}", kwargsrepr=shown(step), declare=[])  # fmt: skip
 
 
 def shown(step: StepCall) -> str:

@@ -302,7 +302,8 @@ class SessionPool:
         connection = self._connection(server)
         async with connection.use() as (client, generation):
             try:
-                return await asyncio.wait_for(send(client), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for, which wraps each call in a task of its own
+                    return await send(client)
             except TimeoutError as exc:
                 raise StepTimeout(f"no answer from '{server}' within {timeout:g} s; the call was cancelled") from exc
             except MCPError as exc:
