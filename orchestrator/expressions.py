@@ -52,6 +52,13 @@ def _compile(expression: str, where: str) -> Any:
         raise ExpressionError(f"field '{where}': invalid expression {expression!r}: {detail}") from exc
 
 
+def _search(expression: str, where: str, context: Mapping[str, Any]) -> Any:
+    try:
+        return _compile(expression, where).search(context)
+    except JMESPathError as exc:  # a valid expression can still fail on the run's data (a type error, say)
+        raise ExpressionError(f"field '{where}': {expression!r} failed on this run's data: {exc}") from exc
+
+
 def _walk_strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
     if isinstance(value, str):
         yield value, where
@@ -120,11 +127,11 @@ def _render_text(text: str, context: Mapping[str, Any], where: str) -> Any:
     if not spans:
         return text
     if len(spans) == 1 and spans[0][0] == 0 and spans[0][1] == len(text):
-        return _compile(spans[0][2], where).search(context)
+        return _search(spans[0][2], where, context)
     parts, last = [], 0
     for start, end, expression in spans:
         parts.append(text[last:start])
-        parts.append(_as_text(_compile(expression, where).search(context)))
+        parts.append(_as_text(_search(expression, where, context)))
         last = end
     parts.append(text[last:])
     return "".join(parts)

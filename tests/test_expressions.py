@@ -48,3 +48,10 @@ def test_unclosed_template_is_an_error() -> None:
 def test_empty_template_is_an_error() -> None:
     with pytest.raises(ExpressionError, match="empty expression"):
         render("${ }", CONTEXT)
+
+
+def test_an_expression_that_fails_on_the_data_names_its_field() -> None:
+    with pytest.raises(ExpressionError, match=r"field 'when': 'length\(params.n\)' failed on this run's data"):
+        render("${ length(params.n) }", {"params": {"n": 5}}, "when")
+    with pytest.raises(ExpressionError, match=r"field 'parameters.title'"):
+        render({"title": "n is ${ abs(params.n) }"}, {"params": {"n": "five"}})

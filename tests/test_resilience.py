@@ -228,6 +228,19 @@ def test_conditions_choose_branches_at_run_time(test_orch: Orchestrator) -> None
     assert production.steps["prod"].status == "succeeded" and production.steps["staging"].status == "skipped"
 
 
+def test_a_condition_that_fails_at_run_time_fails_its_step_and_the_run_ends(test_orch: Orchestrator) -> None:
+    # length() of a number parses, and fails only once evaluated: a worker-side error, not a compile-time one.
+    workflow = Workflow.model_validate({"id": "bad-condition", "steps": [
+        echo("check", []), echo("odd", ["check"], when="length(params.n) > `1`"), echo("after", ["check"]),
+    ]})  # fmt: skip
+    result = test_orch.enqueue(workflow, {"n": 5}).wait(60)
+    assert result.status == "failed"
+    odd = result.steps["odd"]
+    assert (odd.status, odd.error_type) == ("failed", "ExpressionError")
+    assert "field 'when'" in (odd.error or "") and "length" in (odd.error or "")
+    assert result.steps["after"].status == "succeeded"
+
+
 def test_cancel_stops_the_run_and_cancels_in_flight_calls(test_orch: Orchestrator) -> None:
     tag = uuid.uuid4().hex
     workflow = Workflow.model_validate({"id": "long", "steps": [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from orchestrator import scripts
-from orchestrator.errors import Cancelled, OrchestratorError, PermissionDenied, ToolError, TransportError, Unavailable
+from orchestrator.errors import (
+    Cancelled,
+    OrchestratorError,
+    PermissionDenied,
+    RunNotFound,
+    ToolError,
+    TransportError,
+    Unavailable,
+)
 from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
 from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
@@ -30,6 +39,7 @@ if TYPE_CHECKING:
     from workers.balancer import Ask, Lease
     from workers.runtime import Runtime
 
+log = logging.getLogger(__name__)
 BACKOFF = wait_random_exponential(multiplier=0.5, max=30)  # full jitter: uniform in [0, min(30, 0.5 * 2^n)]
 
 
@@ -90,7 +100,27 @@ Outcome = StepResult | Retry | Reroute
 
 
 def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
-    """Run a step's call unless it must not run; record what happened, or say how to go on."""
+    """Run a step's call unless it must not run; record what happened, or say how to go on.
+
+    Whatever breaks is recorded as the step's failure, so the canvas goes on and the run ends: a task that raised
+    would stop its chain, and the run would wait for ever. Only a message for no known run is dropped with its
+    error (recording it would create the run's keys)."""
+    try:
+        return _execute(runtime, call, worker)
+    except RunNotFound:
+        raise
+    except Exception as exc:  # boundary: see above
+        # A sensitive step's traceback may quote what it holds: its type alone goes to the log.
+        log.error("run %s step %s: %s", call.run_id, call.step_id, type(exc).__name__, exc_info=not call.sensitive)
+        now = time.time()
+        failed = StepResult(service=call.service, tool=call.tool, worker=worker, status="failed",
+                            error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
+                            started_at=call.started_at or now, finished_at=now)  # fmt: skip
+        runtime.store.save_step(call.run_id, call.step_id, seal_result(failed) if call.sensitive else failed)
+        return failed
+
+
+def _execute(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
     store = runtime.store
     refusal = runtime.guard.refusal(call) if runtime.guard is not None else None
     if refusal is not None:
