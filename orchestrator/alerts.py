@@ -5,7 +5,8 @@ message-refused at a worker's consumer) in a Redis sorted set per kind, so attem
 add up. When a kind's count within `window` seconds reaches `threshold`, the first process to see it takes a
 marker that lives for the window (SET NX, fleet-wide) and raises the alert: one structured WARNING
 `security alert` on the `mcpo.security` logger, a row on the audit chain (action `alert`), and, when
-configured, a JSON POST to a webhook, sent from a daemon thread so the denial path never waits on it.
+configured, a JSON POST to a webhook, sent from a daemon thread so the denial path never waits on it. A webhook
+URL that carries a token (chat webhooks do) may be kept in the vault: `webhook: {secret: NAME}`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +27,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 import celeryconfig
+from orchestrator.errors import VaultError
 from orchestrator.events import record_operation
+from orchestrator.secretref import SecretRef
 
 log = logging.getLogger("mcpo.security")
 
@@ -58,16 +62,14 @@ class AlertSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threshold: int = Field(default=5, ge=1)
     window: float = Field(default=60.0, gt=0, le=86400)
-    webhook: str | None = None  # http(s) URL that receives each alert as JSON
+    webhook: str | SecretRef | None = None  # http(s) URL that receives each alert as JSON, or a vault secret's
     timeout: float = Field(default=3.0, gt=0, le=30)  # seconds the webhook POST may take
 
     @field_validator("webhook")
     @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is not None:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("an http:// or https:// URL is expected")
+    def _http_url(cls, url: str | SecretRef | None) -> str | SecretRef | None:
+        if isinstance(url, str) and not _is_http(url):
+            raise ValueError("an http:// or https:// URL is expected")
         return url
 
 
@@ -118,21 +120,42 @@ class Alerts:
         if celeryconfig.settings.records:
             record_operation(self.redis, self.namespace, "alert", ", ".join(subjects)[:200], detail=fields)
         if self.settings.webhook:
-            send(self.settings.webhook, {"event": "security-alert", **fields}, self.settings.timeout)
+            send(self._webhook_url, {"event": "security-alert", **fields}, self.settings.timeout)
+
+    def _webhook_url(self) -> str | None:
+        """The webhook's URL; one kept in the vault is read as each alert is sent, so a new version needs no restart."""
+        webhook = self.settings.webhook
+        if not isinstance(webhook, SecretRef):
+            return webhook
+        from orchestrator.vault import Vault  # the vault reports security events, whose module imports this one
+
+        try:
+            url = Vault(self.redis, self.namespace).get(webhook.secret)
+        except (VaultError, RedisError) as exc:
+            log.warning("security alert webhook {secret: %s}: cannot read it: %s", webhook.secret, exc)
+            return None
+        if not _is_http(url):
+            log.warning("security alert webhook {secret: %s}: not an http:// or https:// URL", webhook.secret)
+            return None
+        return url
 
 
 _sending: list[tuple[threading.Thread, float]] = []  # webhook POSTs under way, each with its deadline
 
 
-def send(url: str, body: dict[str, Any], timeout: float) -> None:
-    """POST body to the webhook from a daemon thread; a process about to exit waits for it up to `timeout`."""
-    thread = threading.Thread(target=_post, args=(url, body, timeout), name="mcpo-alert-webhook", daemon=True)
+def send(webhook: Callable[[], str | None], body: dict[str, Any], timeout: float) -> None:
+    """POST body to the webhook's URL (None: nowhere) from a daemon thread, which finds the URL too; a process
+    about to exit waits for it up to `timeout`."""
+    thread = threading.Thread(target=_post, args=(webhook, body, timeout), name="mcpo-alert-webhook", daemon=True)
     _sending[:] = [(sent, deadline) for sent, deadline in _sending if sent.is_alive()]
     _sending.append((thread, time.monotonic() + timeout))
     thread.start()
 
 
-def _post(url: str, body: dict[str, Any], timeout: float) -> None:
+def _post(webhook: Callable[[], str | None], body: dict[str, Any], timeout: float) -> None:
+    url = webhook()
+    if url is None:
+        return
     # The URL may carry a token in its path or query (chat webhooks do): messages name its host only.
     where = f"{urlsplit(url).scheme}://{urlsplit(url).netloc.rpartition('@')[2]}"
     try:
@@ -149,6 +172,11 @@ def _drain() -> None:
     # A CLI denial exits at once: give its alert's POST the time it was allowed.
     for thread, deadline in list(_sending):
         thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _is_http(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _text(value: bytes | str) -> str:

@@ -16,22 +16,12 @@ from orchestrator.access import AccessSettings
 from orchestrator.breaker import BreakerSettings
 from orchestrator.errors import ConfigError, WorkflowNotFound
 from orchestrator.limits import Limits, check_file, check_workflow, load_yaml
+from orchestrator.secretref import SecretRef, Value
 from orchestrator.workflow import Graph, Workflow, plan
 from workers.tls import check_verify
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 3
-
-
-class SecretRef(BaseModel):
-    """A value kept in the credential vault, named in the configuration as `{secret: NAME}`; the worker reads
-    it when it connects, so the configuration never holds it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    secret: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-Value = str | SecretRef
 
 
 class OAuthSettings(BaseModel):

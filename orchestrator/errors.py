@@ -112,7 +112,3 @@ class PermissionDenied(OrchestratorError):
 
 class InvalidToken(PermissionDenied):
     """A caller token is missing, malformed, wrongly signed, expired, revoked or bound to another run."""
-
-
-class MessageRefused(OrchestratorError):
-    """A task message was not signed by a trusted certificate, or was altered after it was signed."""

@@ -28,8 +28,10 @@ from orchestrator.events import buffer_key
 from orchestrator.flusher import Flusher
 from orchestrator.identity import Identity
 from orchestrator.records import RecordStore
+from orchestrator.secretref import SecretRef
 from orchestrator.security import security_event, unwatch, watch
 from orchestrator.tables import AuditRecord
+from orchestrator.vault import KeyRing, Vault
 
 from .conftest import RecordsDatabase, free_port
 
@@ -83,6 +85,8 @@ def test_alert_settings_are_checked(alerts_section: dict[str, Any], message: str
         parse_config({"access": {"alerts": alerts_section}})
     settings = parse_config({"access": {"alerts": {"threshold": 3, "window": 30, "webhook": "https://h/x"}}}).access
     assert settings is not None and settings.alerts == AlertSettings(threshold=3, window=30, webhook="https://h/x")
+    settings = parse_config({"access": {"alerts": {"webhook": {"secret": "alert-hook"}}}}).access
+    assert settings is not None and settings.alerts.webhook == SecretRef(secret="alert-hook")
 
 
 def test_one_sink_per_namespace_hears_each_event_once() -> None:
@@ -236,4 +240,22 @@ def test_a_dead_webhook_does_not_break_the_denial(denials: Any, caplog: pytest.L
     assert len(fleet.alert_logs(caplog)) == 1
     failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("security alert webhook")]
     assert failures == [f"security alert webhook {dead.split('/hooks')[0]} failed: ConnectError"]
+    assert "hook-secret" not in caplog.text
+
+
+def test_a_webhook_kept_in_the_vault_is_read_as_each_alert_is_sent(
+    denials: Any, webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mcpo.security")
+    fleet = denials(AlertSettings(threshold=1, window=1, webhook=SecretRef(secret="alert-hook")))
+    fleet.deny("anonymous")  # no such secret yet: the alert is raised and logged, the POST is not sent
+    alerts._drain()
+    assert "security alert webhook {secret: alert-hook}: cannot read it: no secret 'alert-hook'" in caplog.text
+    KeyRing.from_environment().ensure()
+    Vault(fleet.redis, fleet.namespace).set("alert-hook", webhook.url)  # its token: hook-secret
+    time.sleep(1.1)  # the next window
+    fleet.deny("anonymous")
+    alerts._drain()
+    posted = [body for body in webhook.bodies if body.get("namespace") == fleet.namespace]
+    assert posted == [{"event": "security-alert", **fleet.alert_logs(caplog)[-1]}]
     assert "hook-secret" not in caplog.text

@@ -18,8 +18,9 @@ from collections.abc import Generator
 import httpx2
 from redis.exceptions import RedisError
 
-from orchestrator.config import SecretRef, StdioServer
+from orchestrator.config import StdioServer
 from orchestrator.errors import VaultError
+from orchestrator.secretref import SecretRef
 from orchestrator.security import security_event
 from orchestrator.vault import Vault
 

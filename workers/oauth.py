@@ -33,8 +33,9 @@ from mcp.client.auth.extensions.identity_assertion import IdentityAssertionOAuth
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from redis.lock import Lock
 
-from orchestrator.config import HttpServer, OAuthSettings, SecretRef
+from orchestrator.config import HttpServer, OAuthSettings
 from orchestrator.errors import SecretUndecryptable
+from orchestrator.secretref import SecretRef
 from orchestrator.vault import Vault
 from workers.credentials import Credentials, Refusals
 
