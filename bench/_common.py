@@ -100,6 +100,10 @@ class Workers:
                 return
         raise RuntimeError(f"worker {name} did not serve {queue} within {timeout} s; see {log.name}")
 
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
     def stop(self) -> None:
         """SIGTERM each worker (a warm shutdown), then end whatever is left in its process group."""
         for process in self.processes:
@@ -175,6 +179,11 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     return own + sum(cpu_seconds(int(child)) for child in found)
 
 
+def process_cpu(pids: Sequence[int], redis: Redis) -> float:
+    """CPU time used so far by the processes (with their MCP servers and other children) and the Redis server."""
+    return sum(cpu_seconds(pid) for pid in pids) + redis_cpu(redis)
+
+
 def redis_cpu(redis: Redis) -> float:
     """CPU time the Redis server has used so far."""
     info = redis.info("cpu")
@@ -206,9 +215,10 @@ def timed_run(orchestrator: Any, workflow: Any, timeout: float) -> tuple[Any, fl
 
 
 @contextlib.contextmanager
-def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str]]:
-    """Both sides of a comparison on one broker: an orchestrator worker for `bench`, a raw Celery worker, an
-    orchestrator over them and a direct MCP session; everything stopped at the end, even on error."""
+def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str, int]]:
+    """Both sides of a comparison on one broker: an orchestrator worker for `bench` (its pid comes last), a raw
+    Celery worker, an orchestrator over them and a direct MCP session; everything stopped at the end, even on
+    error."""
     from bench import raw_app  # it reads the raw queue's name from the environment this module sets
     from orchestrator import Orchestrator, load_config
 
@@ -222,4 +232,4 @@ def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str]]:
         orchestrator = stack.enter_context(Orchestrator(load_config(CONFIG), redis_url=url))
         session = DirectSession()
         stack.callback(session.close)
-        yield orchestrator, session, url
+        yield orchestrator, session, url, workers.pids[0]

@@ -75,7 +75,7 @@ async def direct(client: Client, count: int) -> float:
 
 def main() -> None:
     workflow = fanout(CALLS)
-    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url):
+    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url, _):
         ours(orchestrator, fanout(10))  # warm-up: MCP servers started, queues checked, connections open
         raw_chord(raw_app.sleep, 10, SECONDS)
         session.run(direct(session.client, 10))

@@ -64,13 +64,14 @@ def provision(url: str) -> tuple[str, Path]:
 
 
 class SecureClient:
-    """The client process: one run of the workflow per call, timed inside it."""
+    """The client process: one run of the workflow per call, timed inside it; `worker` is its worker's pid."""
 
-    def __init__(self, config: Path, workflow: str, env: dict[str, str]) -> None:
+    def __init__(self, config: Path, workflow: str, env: dict[str, str], worker: int) -> None:
         log = open(HOME / "secure-client.log", "wb")  # noqa: SIM115 (the child writes to it until it ends)
         self.process = subprocess.Popen([sys.executable, "-m", "bench.secure_client", str(config), workflow],
                                         env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=log, text=True)  # fmt: skip
+        self.worker = worker
         self._read("ready")
 
     def run(self) -> float:
@@ -110,7 +111,7 @@ def secured(url: str, workflow: dict[str, Any], concurrency: int) -> Iterator[Se
     try:
         # The parent, unsigned, cannot see a signed worker's queues: the client waits for it instead.
         workers.ours("secure", concurrency, config, wait=False)
-        client = SecureClient(config, workflow["id"], {**workers.env, "MCPO_TOKEN": token})
+        client = SecureClient(config, workflow["id"], {**workers.env, "MCPO_TOKEN": token}, workers.pids[0])
         try:
             yield client
         finally:

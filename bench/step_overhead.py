@@ -6,7 +6,9 @@ Run from the repository root (REDIS_URL unset: an embedded Redis is started for 
 
 With --secure, the same chain also runs, interleaved, on a secured fleet (bench/secure.py): Celery message
 signing, each step's caller token checked by the worker (an operator's token) and the MCP server's
-credential from the vault, all on at once: the cost of security per step.
+credential from the vault, all on at once: the cost of security per step, in time and, less sensitive to a
+busy machine, in CPU (each side's worker with its MCP server, and Redis, accounted around each run; not the
+clients, where security costs one signature a run).
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import chain
 from mcp import Client
+from redis import Redis
 
 from bench import raw_app
-from bench._common import median, ours_and_raw, table, timed_run
+from bench._common import median, ours_and_raw, process_cpu, table, timed_run
 from bench.secure import secured
 from orchestrator import Orchestrator, Workflow
 from orchestrator.results import RunResult
 
+T = TypeVar("T")
 STEPS = 50
 ROUNDS = 5
 CONCURRENCY = 100  # the worker default; a chain has one task in flight, so this only sizes the thread pool
@@ -70,6 +75,14 @@ async def direct(client: Client) -> float:
     return time.perf_counter() - started
 
 
+def accounted(run: Callable[[], T], worker: int, redis: Redis, cpu: list[float]) -> T:
+    """Run one chain; append the CPU seconds its worker (with its MCP server) and Redis spent to `cpu`."""
+    before = process_cpu([worker], redis)
+    outcome = run()
+    cpu.append(process_cpu([worker], redis) - before)
+    return outcome
+
+
 def secured_ratio(secure: list[float], plain: list[float]) -> str:
     """The goal's ratio of the medians, and the same round by round: the two runs of a round saw the same
     machine, so their ratio shows how much of the spread is noise."""
@@ -85,23 +98,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default {ROUNDS})")
     arguments = parser.parse_args()
     secure_on, rounds = arguments.secure, arguments.rounds
-    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url), contextlib.ExitStack() as stack:
+    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url, worker), contextlib.ExitStack() as stack:
         # The secured client warms up as it starts (bench/secure_client.py).
         secure = stack.enter_context(secured(url, noop_chain("secure"), CONCURRENCY)) if secure_on else None
+        redis = stack.enter_context(Redis.from_url(url))
         ours(orchestrator)  # warm-up: MCP servers started, queues checked, connections open
         raw()
         session.run(direct(session.client))
         times: dict[str, list[float]] = {name: [] for name in ["ours", "secure", "raw", "direct"]}
+        cpu: dict[str, list[float]] = {"ours": [], "secure": []}
         parts: list[dict[str, float]] = []
         for number in range(rounds):  # interleaved, so drift on a shared machine hits all alike
             # The secured chain goes first every other round: neither side always runs right after the other.
             if secure is not None and number % 2:
-                times["secure"].append(secure.run())
-            took, part = ours(orchestrator)
+                times["secure"].append(accounted(secure.run, secure.worker, redis, cpu["secure"]))
+            took, part = accounted(lambda: ours(orchestrator), worker, redis, cpu["ours"])
             times["ours"].append(took)
             parts.append(part)
             if secure is not None and not number % 2:
-                times["secure"].append(secure.run())
+                times["secure"].append(accounted(secure.run, secure.worker, redis, cpu["secure"]))
             times["raw"].append(raw())
             times["direct"].append(session.run(direct(session.client)))
 
@@ -119,6 +134,11 @@ def main() -> None:
     print(f"ratio ours/direct-MCP: {median(per_step['ours']) / median(per_step['direct']):.2f}x")
     if secure_on:
         print(secured_ratio(per_step["secure"], per_step["ours"]))
+        spent = {name: 1000 * sum(seconds) / (STEPS * len(seconds)) for name, seconds in cpu.items()}
+        print(
+            f"CPU per step (worker and its MCP server, Redis): secured {spent['secure']:.2f} ms, plain "
+            f"{spent['ours']:.2f} ms: {(spent['secure'] / spent['ours'] - 1) * 100:+.1f}%"
+        )
     print("ours, where the time goes (ms, median over rounds):")
     for key in parts[0]:
         print(f"  {key}: {median([p[key] for p in parts]):.2f}")

@@ -164,7 +164,7 @@ def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str |
 def _relayed(signature: Signature) -> None:
     """Drop the caller token of every call that directly follows another call in a chain: the worker of the one
     before hands its token on (tasks/calls.py) as it sends the next message. A chain's first message carries every
-    later step, so a token in each step's message made a chain's messages quadratic in the token's size."""
+    later step, so with a token in each step the bytes a chain sends grew with the square of its length."""
     members: list[Signature] = []
     if isinstance(signature, _chain):
         members = list(signature.tasks)
