@@ -112,19 +112,14 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
     except Exception as exc:  # boundary: see above
         # A sensitive step's traceback may quote what it holds: its type alone goes to the log.
         log.error("run %s step %s: %s", call.run_id, call.step_id, type(exc).__name__, exc_info=not call.sensitive)
-        now = time.time()
-        failed = StepResult(service=call.service, tool=call.tool, worker=worker, status="failed",
-                            error=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
-                            started_at=call.started_at or now, finished_at=now)  # fmt: skip
-        runtime.store.save_step(call.run_id, call.step_id, seal_result(failed) if call.sensitive else failed)
-        return failed
+        return _failed(runtime, call, worker, f"{type(exc).__name__}: {exc}", type(exc).__name__)
 
 
 def _execute(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
     store = runtime.store
     refusal = runtime.guard.refusal(call) if runtime.guard is not None else None
-    if refusal is not None:
-        return _refused(runtime, call, refusal, worker)
+    if refusal is not None:  # no MCP traffic leaves
+        return _failed(runtime, call, worker, refusal, PermissionDenied.__name__)
     call = _budgeted(call)
     original = call.fallback_for or {"service": call.service, "tool": call.tool}
     result = StepResult(service=original["service"], tool=original["tool"], worker=worker, started_at=call.started_at)
@@ -177,15 +172,16 @@ def _run(runtime: Runtime, call: StepCall, result: StepResult, status: str, para
     return outcome
 
 
-def _refused(runtime: Runtime, call: StepCall, reason: str, worker: str | None) -> StepResult:
-    """Record a step the guard refused as failed, with why; no MCP traffic left. A message for no known run
-    is dropped with the error instead (recording it would create a run's keys)."""
+def _failed(runtime: Runtime, call: StepCall, worker: str | None, error: str, error_type: str) -> StepResult:
+    """Record the step as failed, with why. A message for no known run is dropped with the error instead
+    (recording it would create a run's keys)."""
     runtime.store.status(call.run_id)  # raises RunNotFound
     now = time.time()
-    result = StepResult(service=call.service, tool=call.tool, worker=worker, status="failed", error=reason,
-                        error_type=PermissionDenied.__name__, started_at=now, finished_at=now,
-                        duration_ms=0.0)  # fmt: skip
-    runtime.store.save_step(call.run_id, call.step_id, result)
+    started = call.started_at or now
+    result = StepResult(service=call.service, tool=call.tool, worker=worker, status="failed", error=error,
+                        error_type=error_type, started_at=started, finished_at=now,
+                        duration_ms=round((now - started) * 1000, 3))  # fmt: skip
+    runtime.store.save_step(call.run_id, call.step_id, seal_result(result) if call.sensitive else result)
     return result
 
 
