@@ -1,7 +1,7 @@
 """Fan-out throughput: 1000 parallel `sleep(seconds=0.05)` calls, one worker process with concurrency 100.
 
 (a) ours: one workflow of 1000 parallel steps; (b) a raw Celery chord of 1000 `time.sleep(0.05)` tasks;
-(c) the naive way: a raw Celery task opening a new MCP stdio session per call (20 calls, extrapolated);
+(c) the naive way: a raw Celery task opening a new MCP stdio session per call (20 calls a round, extrapolated);
 (d) the limit: asyncio.gather of 1000 calls on one direct MCP session.
 
 Run from the repository root (REDIS_URL unset: an embedded Redis is started for the run):
@@ -79,7 +79,7 @@ def main() -> None:
         ours(orchestrator, fanout(10))  # warm-up: MCP servers started, queues checked, connections open
         raw_chord(raw_app.sleep, 10, SECONDS)
         session.run(direct(session.client, 10))
-        times: dict[str, list[float]] = {"ours": [], "raw": [], "direct": []}
+        times: dict[str, list[float]] = {"ours": [], "raw": [], "direct": [], "naive": []}
         parts: list[dict[str, float]] = []
         for _ in range(ROUNDS):  # interleaved, so drift on a shared machine hits all alike
             took, part = ours(orchestrator, workflow)
@@ -87,10 +87,10 @@ def main() -> None:
             parts.append(part)
             times["raw"].append(raw_chord(raw_app.sleep, CALLS, SECONDS))
             times["direct"].append(session.run(direct(session.client, CALLS)))
-        naive = raw_chord(raw_app.naive_call, NAIVE_CALLS, "sleep", {"seconds": SECONDS})
+            # Every round: one sample of 20 calls varied by 1.5x from run to run, more than the goal's margin.
+            times["naive"].append(raw_chord(raw_app.naive_call, NAIVE_CALLS, "sleep", {"seconds": SECONDS}))
 
-    rates = {name: [CALLS / t for t in values] for name, values in times.items()}
-    rates["naive"] = [NAIVE_CALLS / naive]
+    rates = {name: [(NAIVE_CALLS if name == "naive" else CALLS) / t for t in values] for name, values in times.items()}
     rows: list[list[Any]] = [
         ["(a) ours: 1000-step parallel workflow", rates["ours"]],
         ["(b) raw Celery chord, time.sleep", rates["raw"]],
@@ -108,8 +108,12 @@ def main() -> None:
     )
     ours_rate = median(rates["ours"])
     print(f"ratio ours/raw-celery: {ours_rate / median(rates['raw']):.2f} (goal >= 0.9)")
-    print(f"ratio ours/naive: {ours_rate / rates['naive'][0]:.0f} (goal >= 150)")
+    paired = [o / n for o, n in zip(rates["ours"], rates["naive"], strict=True)]
+    print(f"ratio ours/naive: {ours_rate / median(rates['naive']):.0f} (goal >= 150); round by round "
+          f"{min(paired):.0f}-{max(paired):.0f}")  # fmt: skip
     print(f"ratio ours/direct-gather: {ours_rate / median(rates['direct']):.2f}")
+    # What the naive goal asks, set against Celery itself: its chord of bare sleeps makes no MCP call at all.
+    print(f"ratio raw-celery/naive: {median(rates['raw']) / median(rates['naive']):.0f}")
     print("ours, where the time goes (median over rounds):")
     for key in parts[0]:
         print(f"  {key}: {median([p[key] for p in parts]):.3f}")

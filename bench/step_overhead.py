@@ -132,6 +132,11 @@ def main() -> None:
     ratio = median(per_step["ours"]) / median(per_step["raw"])
     print(f"ratio ours/raw-celery: {ratio:.2f}x (goal <= 1.5x)")
     print(f"ratio ours/direct-MCP: {median(per_step['ours']) / median(per_step['direct']):.2f}x")
+    # A step of ours is a Celery task that makes an MCP call: raw Celery's step plus the direct call is what a
+    # step costs with nothing of ours in it.
+    floor = median(per_step["raw"]) + median(per_step["direct"])
+    print(f"floor (raw Celery step + direct MCP call): {floor:.2f} ms/step, {floor / median(per_step['raw']):.2f}x "
+          f"raw Celery; ours beyond it: {median(per_step['ours']) - floor:.2f} ms/step")  # fmt: skip
     if secure_on:
         print(secured_ratio(per_step["secure"], per_step["ours"]))
         spent = {name: 1000 * sum(seconds) / (STEPS * len(seconds)) for name, seconds in cpu.items()}

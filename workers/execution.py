@@ -381,12 +381,12 @@ def _aggregate(runtime: Runtime, run_id: str) -> tuple[str, Any, list[StepError]
     errors = [error for step_id, step in run.steps.items() if (error := _step_error(step_id, step))]
     ok = all(s.status in SATISFIED or s.skip_reason == "condition" for s in run.steps.values())
     status = "succeeded" if ok else "failed"
-    context = {
-        "params": run.params,
-        "steps": {sid: s.model_dump(include={"output", "status"}) for sid, s in run.steps.items()},
-    }
     output: Any = None
     if plan.get("output") is not None:
+        context = {
+            "params": run.params,
+            "steps": {sid: s.model_dump(include={"output", "status"}) for sid, s in run.steps.items()},
+        }
         try:
             output = render(plan["output"], context, "output")
         except OrchestratorError as exc:
