@@ -5,8 +5,8 @@ transaction and only then trims it off the buffer, if it still holds the lock. A
 outage therefore loses nothing: the events stay in Redis and the next flush (here or in any other process)
 writes them; a batch written but not trimmed is recognized by its event ids and not audited twice.
 
-Every worker runtime and every API process runs one in a background thread, and drains what is left when
-it closes.
+Every API process runs one in a background thread, and every worker runtime one as a backstop that writes
+only events that have waited `WORKER_BACKSTOP` seconds; each drains what is left when it closes.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from redis.exceptions import RedisError
 
 import celeryconfig
 from orchestrator.errors import RecordsError
-from orchestrator.events import buffer_key
+from orchestrator.events import buffer_key, recorded_at
 from orchestrator.records import RecordStore, describe
 from orchestrator.runs import RunStore
 
 log = logging.getLogger(__name__)
+WORKER_BACKSTOP = 2.0  # seconds: four flush intervals, so a live enqueuing process's flusher is never beaten to it
 
 # Trims a written batch, unless the lock expired meanwhile (another flusher may be writing it again).
 _TRIM = """
@@ -44,8 +45,11 @@ class Flusher:
     """Moves record events from the Redis buffer into a RecordStore."""
 
     def __init__(self, redis: Redis, namespace: str, store: RecordStore, batch: int = 500,
-                 interval: float = 0.5, lock_ttl: float = 120) -> None:  # fmt: skip
+                 interval: float = 0.5, lock_ttl: float = 120, backstop: float = 0.0) -> None:  # fmt: skip
+        """`backstop`: the thread writes only once the oldest event has waited that many seconds, leaving the
+        buffer to flushers without one while any runs (a worker's: see `start_flusher`)."""
         self.redis = redis
+        self.backstop = backstop
         self.store = store
         self.buffer = buffer_key(namespace)
         self.lock = f"{self.buffer}:lock"
@@ -61,9 +65,11 @@ class Flusher:
         """Events waiting in the buffer."""
         return int(self.redis.llen(self.buffer))
 
-    def flush_once(self) -> int:
-        """Write one batch, if the buffer holds any and no other flusher is at it; how many events."""
-        if not self.redis.llen(self.buffer):
+    def flush_once(self, min_age: float = 0.0) -> int:
+        """Write one batch, if the buffer's oldest event has waited `min_age` seconds and no other flusher is at
+        it; how many events."""
+        oldest = self.redis.lindex(self.buffer, 0)
+        if oldest is None or time.time() - recorded_at(oldest) < min_age:
             return 0
         token = uuid.uuid4().hex
         if not self.redis.set(self.lock, token, nx=True, px=int(self.lock_ttl * 1000)):
@@ -110,7 +116,7 @@ class Flusher:
         failures = 0
         while not self._stop.is_set():
             try:
-                count = self.flush_once()
+                count = self.flush_once(self.backstop)
             except Exception as exc:  # boundary: the thread lives on; the events wait in Redis
                 failures += 1
                 if failures == 1 or failures % 30 == 0:  # an outage is logged once, then now and then
@@ -124,9 +130,11 @@ class Flusher:
                 self._stop.wait(self.interval)
 
 
-def start_flusher(store: RunStore) -> Flusher | None:
+def start_flusher(store: RunStore, backstop: float = 0.0) -> Flusher | None:
     """A flusher for this process's run store, writing to the configured records database; None with
-    records off (MCPO_RECORDS=off)."""
+    records off (MCPO_RECORDS=off). A worker's flusher is a backstop: a worker's threads share one GIL with
+    its calls, so the writing is left to the processes that enqueue while any of them flushes."""
     if not store.record:
         return None
-    return Flusher(store.redis, store.namespace, RecordStore(celeryconfig.settings.records_url)).start()
+    records = RecordStore(celeryconfig.settings.records_url)
+    return Flusher(store.redis, store.namespace, records, backstop=backstop).start()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from redis import Redis
 from sqlalchemy import select, text
 
 from orchestrator import Orchestrator, RunResult, Workflow, audit, events, load_config
@@ -276,6 +278,33 @@ def test_audit_verify_command_names_the_first_bad_row(scratch_database: str, wor
     tampered(store, "update audit set who = 'mallory' where seq = 2")
     broken = subprocess.run(verify, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert broken.returncode == 1 and "audit row 2:" in broken.stderr and "edited" in broken.stderr
+
+
+def test_a_backstop_flusher_leaves_fresh_events_to_others_and_writes_those_left_waiting(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A worker's flusher (WORKER_BACKSTOP) writes only what no other flusher took in time."""
+    namespace = f"test-backstop-{uuid.uuid4().hex[:8]}"
+    key = events.buffer_key(namespace)
+    store = RecordStore(f"sqlite:///{tmp_path / 'records.db'}")
+    store.upgrade()
+    with Redis.from_url(redis_url) as redis:
+        flusher = Flusher(redis, namespace, store, backstop=2.0)
+        fresh = events.operation_event("register", who="tester", service="svc")
+        redis.rpush(key, fresh)
+        assert flusher.flush_once(flusher.backstop) == 0 and flusher.pending() == 1
+        waited = json.loads(fresh)
+        waited["at"] -= 2.5
+        redis.lset(key, 0, json.dumps(waited))
+        assert flusher.flush_once(flusher.backstop) == 1 and flusher.pending() == 0
+        redis.delete(key, f"{key}:lock")
+    assert assert_chain_whole(store) == 1
+
+
+def test_an_events_time_is_read_off_its_head() -> None:
+    step = events.step_event("run", "step", json.dumps({"output": "x" * 10_000}))
+    assert abs(events.recorded_at(step.encode()) - json.loads(step)["at"]) < 1e-6
+    assert events.recorded_at(b"not json") == 0.0  # written at once; the flusher logs it and goes on
 
 
 def test_records_off_pushes_nothing(test_orch: Orchestrator) -> None:

@@ -15,7 +15,7 @@ from orchestrator import redaction
 from orchestrator.access import alert_settings
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.flusher import start_flusher
+from orchestrator.flusher import WORKER_BACKSTOP, start_flusher
 from orchestrator.health import Health
 from orchestrator.registry import Registry
 from orchestrator.runs import RunStore
@@ -50,7 +50,7 @@ class Runtime:
         runtime.guard = CallGuard.of(config, store.redis, settings.namespace)
         redaction.install()  # an in-process worker logs through its host's handlers
         runtime._listen()
-        runtime._flusher = start_flusher(store)
+        runtime._flusher = start_flusher(store, WORKER_BACKSTOP)
         runtime._watching = watch(store.redis, store.namespace, alert_settings(config.access))
         return runtime
 
