@@ -16,22 +16,27 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from celery.utils.nodenames import host_format
+from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 SERVICES = EXAMPLES / "services.yaml"
 TEST_SERVICES = ROOT / "tests" / "services.yaml"
+SERVERS = ROOT / "tests" / "servers"
 
 # Settings are read when celeryconfig is first imported: fix them before any project import.
 os.environ["MCPO_NAMESPACE"] = f"test-{uuid.uuid4().hex[:8]}"
 os.environ.setdefault("MCPO_HOME", tempfile.mkdtemp(prefix="mcpo-test-home-"))
 
+import celeryconfig  # noqa: E402
 from orchestrator import Orchestrator, load_config  # noqa: E402
 from orchestrator.embedded import EmbeddedRedis  # noqa: E402
+from orchestrator.vault import KeyRing, Vault  # noqa: E402
 from workers.app import app, queue_for, use_broker  # noqa: E402
 
 from .proxy import TcpProxy  # noqa: E402
@@ -183,6 +188,47 @@ def http_server() -> Iterator[Callable[..., str]]:
     for process in started:
         process.terminate()
         process.wait(10)
+
+
+# Fleets that hold secrets: a vault key file of their own, and an HTTP server that wants a token kept in the vault.
+
+
+@dataclass
+class VaultHome:
+    """A directory with a vault key file, the vault sealed with it, and the env of workers that read it."""
+
+    path: Path
+    vault: Vault
+    env: dict[str, str]
+
+
+def vault_home(path: Path, redis_url: str, worker_env: dict[str, str]) -> VaultHome:
+    """The namespace's vault sealed under a key file of its own in `path`, and the env of workers that read that
+    file: a module can rotate its keys without rewriting the ring (`<MCPO_HOME>/vault.keys`) the session's other
+    workers read."""
+    keys = path / "vault.keys"
+    ring = KeyRing(path=keys)
+    ring.ensure()
+    vault = Vault(Redis.from_url(redis_url), celeryconfig.settings.namespace, ring)
+    return VaultHome(path, vault, {**worker_env, "MCPO_VAULT_KEY_FILE": str(keys)})
+
+
+class BearerServer:
+    """tests/servers/bearer.py on a free port, at first accepting `token` alone; a test rewrites `tokens` to
+    change what it accepts (the server reads the file on every request)."""
+
+    def __init__(self, tokens: Path, token: str) -> None:
+        tokens.write_text(f"{token}\n")
+        port = free_port()
+        self.tokens = tokens
+        self.url = f"http://127.0.0.1:{port}/mcp"
+        args = [sys.executable, str(SERVERS / "bearer.py"), "--port", str(port), "--tokens", str(tokens)]
+        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
 
 
 # Records: each test session writes to a database of its own; on PostgreSQL through a proxy a test can cut.

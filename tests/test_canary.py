@@ -28,12 +28,18 @@ from orchestrator.errors import RunNotFound
 from orchestrator.events import buffer_key
 from orchestrator.records import RecordStore
 from orchestrator.sealing import PREFIX
-from orchestrator.vault import KeyRing, Vault
 
-from .conftest import ROOT, RecordsDatabase, WorkerProcesses, free_port, wait_for_port
+from .conftest import (
+    ROOT,
+    SERVERS,
+    BearerServer,
+    RecordsDatabase,
+    WorkerProcesses,
+    free_port,
+    vault_home,
+    wait_for_port,
+)
 from .test_vault import redis_values
-
-SERVERS = ROOT / "tests" / "servers"
 
 
 @dataclass
@@ -59,54 +65,44 @@ class Canary:
 @pytest.fixture(scope="module")
 def canary(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canary]:  # fmt: skip
-    home = tmp_path_factory.mktemp("canary")
+    home = vault_home(tmp_path_factory.mktemp("canary"), redis_url, worker_env)
     value = f"canary-{uuid.uuid4().hex}"
-    env = {**worker_env, "MCPO_VAULT_KEY_FILE": str(home / "vault.keys")}
-    ring = KeyRing(path=home / "vault.keys")
-    ring.ensure()
-    vault = Vault(Redis.from_url(redis_url), celeryconfig.settings.namespace, ring)
-    vault.set("canary-token", value)
-    vault.set("canary-env", value)
-    tokens = home / "tokens"
-    tokens.write_text(f"{value}\n")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(SERVERS / "bearer.py"), "--port", str(port), "--tokens",
-                               str(tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for_port(port)
+    home.vault.set("canary-token", value)
+    home.vault.set("canary-env", value)
+    server = BearerServer(home.path / "tokens", value)
     config = {
         "servers": {
-            "canary-http": {"url": f"http://127.0.0.1:{port}/mcp", "auth": {"bearer": {"secret": "canary-token"}}},
+            "canary-http": {"url": server.url, "auth": {"bearer": {"secret": "canary-token"}}},
             "canary-stdio": {"command": "python", "args": [str(SERVERS / "testing.py")],
                         "env": {"CANARY_VALUE": {"secret": "canary-env"}}},
         },
         "services": {"canary-http": {"server": "canary-http", "retries": 0},
                      "canary-stdio": {"server": "canary-stdio", "retries": 1}},
     }  # fmt: skip
-    path = home / "canary.yaml"
+    path = home.path / "canary.yaml"
     path.write_text(yaml.safe_dump(config))
-    logs = home / "worker-logs"
+    logs = home.path / "worker-logs"
     logs.mkdir()
-    pool = WorkerProcesses(env, logs)
+    pool = WorkerProcesses(home.env, logs)
     pool.start("canary-http", "canary-stdio", config=path, loglevel="DEBUG")
     flower_port = free_port()
     flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={flower_port}",
-                               "--address=127.0.0.1"], env={**env, "FLOWER_UNAUTHENTICATED_API": "true"}, cwd=ROOT,
+                               "--address=127.0.0.1"], env={**home.env, "FLOWER_UNAUTHENTICATED_API": "true"}, cwd=ROOT,
                               stdout=(logs / "flower.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for_port(flower_port, 60)
         with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
-            found = Canary(value, orchestrator, path, env, [logs, Path(env["MCPO_HOME"]) / "logs"], tokens,
-                           flower_port, [])  # fmt: skip
+            found = Canary(value, orchestrator, path, home.env, [logs, Path(home.env["MCPO_HOME"]) / "logs"],
+                           server.tokens, flower_port, [])  # fmt: skip
             watch_flower(found)
             yield found
     finally:
         flower.terminate()
         flower.wait(30)
         for name in ("canary-token", "canary-env"):  # the namespace's vault is shared: other rings rotate it
-            vault.remove(name)
+            home.vault.remove(name)
     pool.stop()
-    server.terminate()
-    server.wait(10)
+    server.stop()
 
 
 def test_readers_see_sensitive_data_while_no_sink_holds_the_canary(

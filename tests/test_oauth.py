@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from mcp.shared.auth import OAuthToken
 from redis import Redis
 
-import celeryconfig
 from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.config import HttpServer, parse_config
 from orchestrator.errors import ConfigError
@@ -35,8 +34,8 @@ from workers.credentials import Credentials
 from workers.oauth import REFRESH_SHARE, StoredToken, VaultTokenStorage
 from workers.sessions import Connection
 
-from .conftest import WorkerProcesses, free_port, wait_for_port
-from .test_vault import SERVERS, canary, no_failed_call, redis_values
+from .conftest import SERVERS, WorkerProcesses, free_port, vault_home, wait_for_port
+from .test_vault import canary, no_failed_call, redis_values
 
 LIFETIME = 3  # seconds an access token lives
 
@@ -250,31 +249,27 @@ def wait_for_workers(queue: str, count: int, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str], authorization: Authorization,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[OAuthFleet]:  # fmt: skip
-    home = tmp_path_factory.mktemp("oauth-fleet")
-    env = {**worker_env, "MCPO_VAULT_KEY_FILE": str(home / "vault.keys")}
-    ring = KeyRing(path=home / "vault.keys")
-    ring.ensure()
-    vault = Vault(Redis.from_url(redis_url), celeryconfig.settings.namespace, ring)
-    vault.set("oauth-client-secret", authorization.secret)
+    home = vault_home(tmp_path_factory.mktemp("oauth-fleet"), redis_url, worker_env)
+    home.vault.set("oauth-client-secret", authorization.secret)
     oauth = {"grant": "client_credentials", "client_id": "fleet", "issuer": authorization.issuer,
              "client_secret": {"secret": "oauth-client-secret"}}  # fmt: skip
     config = {
         "servers": {"protected": {"url": authorization.url, "auth": {"oauth": oauth}}},
         "services": {"protected": {"server": "protected", "retries": 0}},
     }
-    path = home / "oauth.yaml"
+    path = home.path / "oauth.yaml"
     path.write_text(yaml.safe_dump(config))
-    VaultTokenStorage(vault, "protected", "").clear()
-    pool = WorkerProcesses(env, workers.log_dir)
+    VaultTokenStorage(home.vault, "protected", "").clear()
+    pool = WorkerProcesses(home.env, workers.log_dir)
     pool.start_each([("protected",), ("protected",)], config=path, concurrency=20)
     wait_for_workers(queue_for("protected"), 2)
-    logs = [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"]
+    logs = [workers.log_dir, Path(home.env["MCPO_HOME"]) / "logs"]
     worker_logs = [pool.log_dir / f"worker-protected-{n}.log" for n in range(2)]
     with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
-        yield OAuthFleet(orchestrator, vault, authorization.issuer, authorization.secret, logs, worker_logs)
+        yield OAuthFleet(orchestrator, home.vault, authorization.issuer, authorization.secret, logs, worker_logs)
     pool.stop()
-    VaultTokenStorage(vault, "protected", "").clear()
-    vault.remove("oauth-client-secret")  # sealed under this module's key ring, which later tests do not hold
+    VaultTokenStorage(home.vault, "protected", "").clear()
+    home.vault.remove("oauth-client-secret")  # sealed under this module's key ring, which later tests do not hold
 
 
 def test_a_long_run_across_two_workers_asks_for_one_token_per_expiry(fleet: OAuthFleet) -> None:

@@ -24,7 +24,6 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis import Redis
 from sqlalchemy import select
 
-import celeryconfig
 from orchestrator import Orchestrator, RunResult, Workflow, audit, events, load_config
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError, KeyRingMissing, SecretNotFound, SecretUndecryptable, VaultError
@@ -35,9 +34,7 @@ from orchestrator.tables import AuditRecord
 from orchestrator.vault import KEEP_VERSIONS, KeyRing, Vault
 from workers.credentials import Credentials, SecretAuth
 
-from .conftest import ROOT, RecordsDatabase, WorkerProcesses, free_port, wait_for_port
-
-SERVERS = ROOT / "tests" / "servers"
+from .conftest import ROOT, SERVERS, BearerServer, RecordsDatabase, WorkerProcesses, vault_home
 
 
 def canary() -> str:
@@ -319,39 +316,29 @@ def no_failed_call(result: RunResult) -> None:
 @pytest.fixture(scope="module")
 def fleet(redis_url: str, workers: WorkerProcesses, worker_env: dict[str, str],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:  # fmt: skip
-    home = tmp_path_factory.mktemp("vault-fleet")
-    env = {**worker_env, "MCPO_VAULT_KEY_FILE": str(home / "vault.keys")}
-    ring = KeyRing(path=home / "vault.keys")
-    ring.ensure()
-    vault = Vault(Redis.from_url(redis_url), celeryconfig.settings.namespace, ring)
+    home = vault_home(tmp_path_factory.mktemp("vault-fleet"), redis_url, worker_env)
     canaries = [canary(), canary()]
-    vault.set("bearer-token", canaries[0])
-    vault.set("stdio-canary", canaries[1])
-    vault.set("stdio-value", "first value")
-    tokens = home / "tokens"
-    tokens.write_text(f"{canaries[0]}\n")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(SERVERS / "bearer.py"), "--port", str(port), "--tokens",
-                               str(tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for_port(port)
+    home.vault.set("bearer-token", canaries[0])
+    home.vault.set("stdio-canary", canaries[1])
+    home.vault.set("stdio-value", "first value")
+    server = BearerServer(home.path / "tokens", canaries[0])
     config = {
         "servers": {
-            "bearer": {"url": f"http://127.0.0.1:{port}/mcp", "auth": {"bearer": {"secret": "bearer-token"}}},
+            "bearer": {"url": server.url, "auth": {"bearer": {"secret": "bearer-token"}}},
             "envy": {"command": "python", "args": [str(SERVERS / "testing.py")],
                      "env": {"VAULT_VALUE": {"secret": "stdio-value"}, "VAULT_CANARY": {"secret": "stdio-canary"}}},
         },
         "services": {"bearer": {"server": "bearer", "retries": 0}, "envy": {"server": "envy", "retries": 0}},
     }  # fmt: skip
-    path = home / "vault.yaml"
+    path = home.path / "vault.yaml"
     path.write_text(yaml.safe_dump(config))
-    pool = WorkerProcesses(env, workers.log_dir)
+    pool = WorkerProcesses(home.env, workers.log_dir)
     pool.start("bearer", "envy", config=path)
-    logs = [workers.log_dir, Path(env["MCPO_HOME"]) / "logs"]
+    logs = [workers.log_dir, Path(home.env["MCPO_HOME"]) / "logs"]
     with Orchestrator(load_config(path), redis_url=redis_url) as orchestrator:
-        yield Fleet(orchestrator, vault, tokens, env, logs, canaries)
+        yield Fleet(orchestrator, home.vault, server.tokens, home.env, logs, canaries)
     pool.stop()
-    server.terminate()
-    server.wait(10)
+    server.stop()
 
 
 def test_http_token_rotation_during_a_1000_call_fanout_fails_no_call(fleet: Fleet) -> None:

@@ -1,4 +1,4 @@
-"""An MCP server over Streamable HTTP that requires a bearer token.
+"""An MCP server over Streamable HTTP that requires a bearer token; it serves the testing server's echo and sleep.
 
 The valid tokens are the lines of a file (`--tokens PATH`), read on every request, so a test can make it
 accept old and new tokens during a grace window and then only the new one. Refused requests are counted
@@ -8,28 +8,16 @@ in `PATH.refused` (one line each), so a test can see that refusals happened with
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from testing import echo, sleep
 
 server = MCPServer("bearer")
-
-
-@server.tool()
-def echo(value: Any = None) -> dict[str, Any]:
-    """Answer with what was sent."""
-    return {"value": value, "pid": os.getpid()}
-
-
-@server.tool()
-async def sleep(seconds: float = 0.05) -> dict[str, float]:
-    """Sleep, then answer."""
-    await asyncio.sleep(seconds)
-    return {"slept": seconds}
+server.add_tool(echo)
+server.add_tool(sleep)
 
 
 class RequireBearer:

@@ -1,19 +1,17 @@
 """An MCP server over Streamable HTTP protected by OAuth: it accepts the access tokens an authorization server
 (`--issuer`) reports active by introspection (RFC 7662), and serves the protected resource metadata that leads
-clients there, through the MCP SDK's own resource-server support."""
+clients there, through the MCP SDK's own resource-server support. It serves the testing server's echo and sleep."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-from typing import Any
 
 import httpx2
 import uvicorn
 from mcp.server.auth.provider import AccessToken
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
+from testing import echo, sleep
 
 
 class Introspection:
@@ -37,18 +35,8 @@ class Introspection:
 def build(port: int, issuer: str) -> MCPServer:
     auth = AuthSettings(issuer_url=issuer, resource_server_url=f"http://127.0.0.1:{port}/mcp", required_scopes=["mcp"])
     server = MCPServer("protected", token_verifier=Introspection(issuer), auth=auth)
-
-    @server.tool()
-    def echo(value: Any = None) -> dict[str, Any]:
-        """Answer with what was sent."""
-        return {"value": value, "pid": os.getpid()}
-
-    @server.tool()
-    async def sleep(seconds: float = 0.05) -> dict[str, float]:
-        """Sleep, then answer."""
-        await asyncio.sleep(seconds)
-        return {"slept": seconds}
-
+    server.add_tool(echo)
+    server.add_tool(sleep)
     return server
 
 
