@@ -60,6 +60,9 @@ def event(kind: str, **fields: Any) -> str:
     return json.dumps({"kind": kind, "id": uuid.uuid4().hex, "at": time.time(), **fields}, default=str)
 
 
+_AT = re.compile(rb'"at": ([0-9.e+-]+)')
+
+
 def recorded_at(raw: bytes | str) -> float:
     """When an event was made. `at` comes third in every event (see `event` and `step_event`), so it is read off
     the event's head without parsing, say, a whole run's plan; 0.0 (long ago) for an event it cannot be read from."""
@@ -69,9 +72,6 @@ def recorded_at(raw: bytes | str) -> float:
         return float(found.group(1) if found else json.loads(raw)["at"])
     except (ValueError, KeyError, TypeError):
         return 0.0
-
-
-_AT = re.compile(rb'"at": ([0-9.e+-]+)')
 
 
 def step_event(run_id: str, step_id: str, result_json: str) -> str:

@@ -26,7 +26,7 @@ from orchestrator.records import RecordStore, describe
 from orchestrator.runs import RunStore
 
 log = logging.getLogger(__name__)
-WORKER_BACKSTOP = 2.0  # seconds: four flush intervals, so a live enqueuing process's flusher is never beaten to it
+WORKER_BACKSTOP = 2.0  # seconds: four flush intervals; while an enqueuing process flushes, no event gets that old
 
 # Trims a written batch, unless the lock expired meanwhile (another flusher may be writing it again).
 _TRIM = """
