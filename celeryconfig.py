@@ -1,61 +1,21 @@
-"""Celery settings, read from the environment (pydantic-settings).
+"""Celery's settings, built from the environment settings (orchestrator/settings.py) and loaded by workers/app.py.
 
-REDIS_URL selects a real Redis as broker and result backend; without it the orchestrator starts an
-embedded Redis and sets both URLs itself. MCPO_BROKER_URL may point the broker elsewhere (amqp://).
-DATABASE_URL selects the SQL records store (PostgreSQL in production); without it records go to a SQLite
-file under MCPO_HOME. MCPO_RECORDS=off keeps no records at all. A `rediss://` URL connects with TLS, checking
-the server's certificate against MCPO_REDIS_CA (default: the system CAs), with the client certificate
-MCPO_REDIS_CERT / MCPO_REDIS_KEY when given (see workers/tls.py).
+A `rediss://` URL connects with TLS, checking the server's certificate (see orchestrator/settings.py); a
+`redis+sentinel://` URL names a Sentinel group instead of one Redis (see workers/sentinel.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from workers.tls import redis_ssl
+# Re-exported for code that knows Celery's configuration module only; the project reads `orchestrator.settings`.
+from orchestrator.settings import Settings as Settings
+from orchestrator.settings import settings as settings
+from workers.sentinel import celery_url, transport_options
 from workers.transport import transport_for
 
-
-class Settings(BaseSettings):
-    """Environment settings shared by the API, the CLI and workers."""
-
-    model_config = SettingsConfigDict(env_prefix="MCPO_", extra="ignore")
-    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "MCPO_REDIS_URL"))
-    broker_url: str | None = None
-    namespace: str = "mcpo"
-    home: Path = Path.home() / ".mcp-orchestrator"
-    config: Path | None = None
-    visibility_timeout: int = 3600
-    result_expires: int = 86400
-    run_ttl: int = 7 * 86400
-    worker_concurrency: int = 100
-    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "MCPO_DATABASE_URL"))
-    records: bool = True
-    redis_ca: Path | None = None  # CA bundle for rediss:// (broker, result backend, run state)
-    redis_cert: Path | None = None  # client certificate for rediss://, when Redis asks for one
-    redis_key: Path | None = None  # its private key (default: inside redis_cert)
-    allow_insecure_tls: bool = False  # lets an HTTP MCP server say `verify: false`
-    max_config_bytes: int = 8 * 1024 * 1024  # a configuration file; workflow files have `limits.workflow_bytes`
-
-    def redis_ssl(self, url: str | None) -> dict[str, Any] | None:
-        """Celery's `broker_use_ssl` / `redis_backend_use_ssl` for url: None unless it is rediss://."""
-        return redis_ssl(url or "", self.redis_ca, self.redis_cert, self.redis_key) or None
-
-    @property
-    def records_url(self) -> str:
-        """The records database: DATABASE_URL, else the SQLite file of the embedded default."""
-        return self.database_url or f"sqlite:///{self.home / 'records.db'}"
-
-
-settings = Settings()
-
-broker_url = settings.broker_url or settings.redis_url
-broker_transport = transport_for(broker_url or "")
-result_backend = settings.redis_url
+# A Sentinel URL (workers/sentinel.py) becomes kombu's form, with the master's name in the transport options.
+broker_url = celery_url(settings.broker_url or settings.redis_url)
+broker_transport = transport_for(settings.broker_url or settings.redis_url or "")
+result_backend = celery_url(settings.redis_url)
 # Without these kombu would connect to rediss:// without checking the certificate (its default is CERT_NONE).
 broker_use_ssl = settings.redis_ssl(broker_url)
 redis_backend_use_ssl = settings.redis_ssl(result_backend)
@@ -67,10 +27,22 @@ result_accept_content = ["json"]
 # after the visibility timeout, which must outlast the longest step (checked when a run is enqueued).
 task_acks_late = True
 task_reject_on_worker_lost = True
-broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
-result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout}
+# kombu sweeps for messages past the visibility timeout every interval x throttle seconds (100 s by default):
+# every 10 s here, so the backstop for a dead worker's messages is the visibility timeout + 10 s.
+broker_transport_options = {
+    "visibility_timeout": settings.visibility_timeout,
+    "unacked_restore_interval": 10,
+    "unacked_restore_throttle": 1,
+    **transport_options(settings.broker_url or settings.redis_url),
+}
+result_backend_transport_options = {"visibility_timeout": settings.visibility_timeout,
+                                    **transport_options(settings.redis_url)}  # fmt: skip
 result_expires = settings.result_expires
 broker_connection_retry_on_startup = True
+# A task that sends the chain's next call while Redis restarts waits for it (up to MCPO_REDIS_OUTAGE) rather than
+# failing the run; Celery's default gives up after about 3 s.
+task_publish_retry_policy = {"max_retries": int(settings.redis_outage), "interval_start": 0, "interval_step": 0.5,
+                             "interval_max": 1}  # fmt: skip
 task_default_queue = f"{settings.namespace}.control"
 # Broadcasts (inspect, revoke, shutdown) and task events stay within a namespace: fleets sharing a Redis
 # would otherwise answer, and a signing fleet refuse, each other's control messages.
@@ -81,3 +53,5 @@ worker_prefetch_multiplier = 1
 worker_send_task_events = False
 task_send_sent_event = False
 worker_hijack_root_logger = False
+# Every worker checks each task message before it runs: a bad one is quarantined, not redelivered for ever.
+worker_consumer = "workers.quarantine:QuarantineConsumer"

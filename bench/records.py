@@ -15,8 +15,8 @@ import yaml
 from bench._common import CONFIG, HOME, Workers, broker, median, scratch, table, timed_run
 from bench.step_overhead import STEPS
 from orchestrator import Orchestrator, Workflow, load_config
-from orchestrator.flusher import Flusher
-from orchestrator.records import RecordStore, describe
+from orchestrator.history.flusher import Flusher
+from orchestrator.history.records import RecordStore, describe
 
 ROUNDS = 7
 CONCURRENCY = 100
@@ -64,7 +64,7 @@ def main() -> None:
                     for name, workflow in sides.items():
                         times[name].append(per_step(orchestrator, workflow))
                 store = RecordStore(celeryconfig.settings.records_url)
-                flusher = Flusher(orchestrator.store.redis, orchestrator.store.namespace, store)
+                flusher = Flusher(orchestrator.connect().redis, orchestrator.connect().namespace, store)
                 flusher.flush(120)
                 recorded = len(store.runs(workflow="chain-bench", limit=1000))
         finally:

@@ -21,8 +21,8 @@ import yaml
 from redis import Redis
 
 from bench._common import CONFIG, HOME, NAMESPACE, ROOT, Workers
-from orchestrator.identity import SigningKey, TokenBook
-from orchestrator.vault import KeyRing, Vault
+from orchestrator.security.identity import SigningKey, TokenBook
+from orchestrator.security.vault import KeyRing, Vault
 from workers.signing import create_identity
 
 SECURE_HOME = HOME / "secure"

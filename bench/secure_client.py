@@ -32,7 +32,7 @@ def timed(orchestrator: Orchestrator, workflow: str) -> float:
 
 def wait_for_worker(orchestrator: Orchestrator, service: str) -> None:
     # Only a signed process can ask a signed worker which queues it serves; the parent cannot.
-    orchestrator.store  # noqa: B018 - sets up signing before the first control message
+    orchestrator.connect()  # sets up signing before the first control message
     deadline = time.monotonic() + READY_WITHIN
     while queue_for(service) not in served_queues(0.5):
         if time.monotonic() > deadline:

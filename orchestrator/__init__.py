@@ -22,6 +22,7 @@ from orchestrator.errors import (
     LimitExceeded,
     OrchestratorError,
     RecordsError,
+    RedisUnreachable,
     RunNotFound,
     RunTimeout,
     ToolCallError,
@@ -58,7 +59,7 @@ if not TYPE_CHECKING:
     def __getattr__(name: str) -> Any:
         module = _LAZY.get(name)
         if module is None:
-            # Also how `from orchestrator import audit` falls through to importing the submodule.
+            # Also how `from orchestrator import cli` falls through to importing the submodule.
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(import_module(module), name)
         globals()[name] = value  # later lookups find it without coming here
@@ -88,6 +89,7 @@ __all__ = [
     "ExpressionError",
     "LimitExceeded",
     "BrokerError",
+    "RedisUnreachable",
     "RunNotFound",
     "RunTimeout",
     "RecordsError",

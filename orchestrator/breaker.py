@@ -11,6 +11,10 @@ Each ask and each record is one Lua script: one round trip, atomic across proces
 has a generation: an outcome recorded under an older generation (a call let through before the last
 transition) changes nothing. Health beats feed it too (`beat`): a failed beat counts as a failed call, a
 passing beat on an open breaker moves it to half-open at once.
+
+A crash counts once: the calls that one MCP session's end fails (a stdio server process killed with 35 calls in
+flight) name that session when they are recorded, and only the first of them counts; the session is remembered
+for `CRASH_MEMORY` seconds, much longer than its calls take to report.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from redis.client import Pipeline
 from redis.commands.core import Script
 
 from orchestrator.scripts import Lua
+from orchestrator.text import as_text
 
 State = Literal["closed", "open", "half_open"]
+CRASH_MEMORY = 600  # seconds a session whose end was counted is remembered
 
 _NOW = """
 local now = tonumber(ARGV[1])
@@ -79,6 +85,14 @@ if gen < 0 then
   gen = current
 end
 if current ~= gen then return {state, current} end
+if KEYS[3] and not redis.call('SET', KEYS[3], 1, 'NX', 'EX', ARGV[11]) then
+  -- Another call that this session's end failed was counted: one crash is one failure. A half-open trial this
+  -- call held goes back, so the trials that run decide.
+  if state == 'half_open' and tonumber(redis.call('HGET', key, 'trials') or '0') > 0 then
+    redis.call('HINCRBY', key, 'trials', -1)
+  end
+  return {state, current}
+end
 local function over(fails, slows, calls)
   return fails * 100 >= fail_pct * calls or slows * 100 >= slow_pct * calls
 end
@@ -229,16 +243,24 @@ class CircuitBreaker:
             self._give_back(keys=[self.key], args=[permit.generation])
 
     def record(
-        self, permit: Permit, failed: bool, duration: float, now: float | None = None, pipe: Pipeline | None = None
+        self,
+        permit: Permit,
+        failed: bool,
+        duration: float,
+        now: float | None = None,
+        pipe: Pipeline | None = None,
+        session: str | None = None,
     ) -> State | None:
         """Record a permitted call's outcome (one round trip); returns the state after it, or None when
-        queued on `pipe` for the caller to execute (with `orchestrator.scripts.execute`)."""
+        queued on `pipe` for the caller to execute (with `orchestrator.scripts.execute`). A failure that names
+        the MCP session whose end caused it counts only if no other call of that session's was counted."""
         s = self.settings
         slow = duration >= s.slow_call_duration
         args = [_ms(now), permit.generation, int(failed), int(slow), s.window_size, s.minimum_calls,
                 s.failure_rate_threshold, s.slow_call_rate_threshold, int(s.wait_in_open * 1000),
-                s.permitted_calls_in_half_open]  # fmt: skip
-        reply = self._run(self._record, [self.key, self.window_key], args, pipe)
+                s.permitted_calls_in_half_open, CRASH_MEMORY]  # fmt: skip
+        keys = [self.key, self.window_key, *([f"{self.key}:crash:{session}"] if failed and session else [])]
+        reply = self._run(self._record, keys, args, pipe)
         return None if pipe is not None else _state(reply[0])
 
     def beat(self, passed: bool, now: float | None = None) -> State:
@@ -272,7 +294,7 @@ class CircuitBreaker:
 
 
 def _state(value: Any) -> State:
-    return cast(State, value.decode() if isinstance(value, bytes) else str(value))
+    return cast(State, as_text(value))
 
 
 def _ms(now: float | None) -> int:

@@ -9,7 +9,6 @@ dependency still holds, though a step may wait for a source it does not depend o
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +16,11 @@ from typing import Any
 from celery import chain, group
 from celery.canvas import Signature, _chain, _chord
 
-from orchestrator.config import Config
 from orchestrator.expressions import references
-from orchestrator.sealing import SHOWN, sealer
-from orchestrator.workflow import Graph, PlannedStep
-from workers.app import app, control_queue, queue_for
-from workers.execution import StepCall
+from orchestrator.messages import PlannedStep, StepCall
+from orchestrator.security.sealing import sealer
+from orchestrator.workflow import Graph
+from workers.app import app, control_queue, step_signature
 
 
 @dataclass(frozen=True)
@@ -38,12 +36,15 @@ class Parallel:
 Shape = str | Series | Parallel
 
 
-def shape(graph: Graph) -> Shape | None:
-    """The series-parallel shape of the graph's steps (None for an empty workflow)."""
-    if not graph.steps:
+def shape(graph: Graph, only: set[str] | None = None) -> Shape | None:
+    """The series-parallel shape of the graph's steps, or of those in `only` (None when there are none). `only`
+    holds every step that depends on one of its steps (a resume's steps to run again), so the others' outputs are
+    there before any of its steps starts."""
+    ids = [step.id for step in graph.steps if only is None or step.id in only]
+    if not ids:
         return None
-    closure = {step.id: graph.ancestors(step.id) for step in graph.steps}
-    return _decompose([step.id for step in graph.steps], graph, closure)
+    closure = {step_id: graph.ancestors(step_id) for step_id in ids}
+    return _decompose(ids, graph, closure)
 
 
 def _decompose(ids: list[str], graph: Graph, closure: dict[str, set[str]]) -> Shape:
@@ -143,9 +144,9 @@ def _keep_results(signature: Signature) -> None:
         signature.set(ignore_result=False)
 
 
-def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str | None = None,
-                caller: str | None = None) -> Signature:  # fmt: skip
-    """The whole canvas of one run: every step's call, then `mcpo.finish`.
+def compile_run(run_id: str, graph: Graph, after_fallback: str | None = None,
+                caller: str | None = None, only: set[str] | None = None) -> Signature:  # fmt: skip
+    """The whole canvas of one run: every step's call (or those in `only`, see `shape`), then `mcpo.finish`.
 
     `after_fallback` names the run this one stands in for: its finish then closes that run too. `caller` is
     the run's caller token (access control on), carried in every step's message for the worker to check.
@@ -153,8 +154,8 @@ def compile_run(config: Config, run_id: str, graph: Graph, after_fallback: str |
     options: dict[str, Any] = {"after_fallback": after_fallback} if after_fallback else {}
     finish = app.signature("mcpo.finish", args=(run_id,), kwargs=options, immutable=True, queue=control_queue())
     canvas = to_canvas(
-        shape(graph),
-        lambda step_id: step_signature(step_call(config, run_id, graph.index[step_id], caller, graph.sensitive)),
+        shape(graph, only),
+        lambda step_id: step_signature(step_call(run_id, graph.index[step_id], caller, graph.sensitive)),
         finish,
     )
     _relayed(canvas)
@@ -184,58 +185,39 @@ def _is_call(signature: Signature) -> bool:
     return not isinstance(signature, _chain | group | _chord) and signature.task == "mcpo.call"
 
 
-def step_call(config: Config, run_id: str, step: PlannedStep, caller: str | None = None,
-              opens: bool = False) -> StepCall:  # fmt: skip
-    """The task message of one step: service defaults applied, the data it reads and its fallback resolved;
-    a sensitive step's arguments sealed. `opens`: the run holds sealed data the worker must open to read."""
-    service = config.services[step.service]
+def step_call(run_id: str, step: PlannedStep, caller: str | None = None, opens: bool = False) -> StepCall:
+    """The task message of one step, for one run: the data it reads found, a sensitive step's arguments (and
+    its fallback's) sealed. `opens`: the run holds sealed data the worker must open to read."""
     return StepCall(
         run_id=run_id,
         step_id=step.id,
         service=step.service,
         tool=step.tool,
-        arguments=sealer(create=True).seal(step.parameters) if step.sensitive else step.parameters,
-        timeout=step.timeout or service.timeout,
-        retries=service.retries if step.retries is None else step.retries,
+        arguments=_sealed(step.parameters, step.sensitive),
+        timeout=step.timeout,
+        retries=step.retries,
         depends_on=list(step.depends_on),
         reads=sorted(references({"parameters": step.parameters, "when": step.when}, "")),
         when=step.when,
         optional=step.optional,
         use_stale=step.use_stale,
         retry_tool_errors=step.retry_tool_errors,
-        fallback=_fallback(config, step),
+        fallback=_fallback(step),
         caller=caller,
         sensitive=step.sensitive,
         opens=opens,
+        cache=step.cache,
     )
 
 
-def _fallback(config: Config, step: PlannedStep) -> dict[str, Any] | None:
+def _fallback(step: PlannedStep) -> dict[str, Any] | None:
     if step.fallback is None:
         return None
-    service = config.services[step.fallback.service]
-    arguments = step.parameters if step.fallback.parameters is None else step.fallback.parameters
-    return {
-        "service": step.fallback.service,
-        "tool": step.fallback.tool or step.tool,
-        "arguments": sealer(create=True).seal(arguments) if step.sensitive else arguments,
-        "timeout": service.timeout,
-        "retries": service.retries,
-    }
+    fallback = step.fallback
+    arguments = _sealed(fallback.parameters, step.sensitive)
+    return {"service": fallback.service, "tool": fallback.tool, "arguments": arguments,
+            "timeout": fallback.timeout, "retries": fallback.retries}  # fmt: skip
 
 
-def step_signature(step: StepCall) -> Signature:
-    """The signature of one step's call, routed to its service's queue and named `service.tool`.
-
-    Flower and logs show `shown(step)`: Celery would otherwise build that text from every field.
-    """
-    return app.signature("mcpo.call", kwargs=step.message(), immutable=True, queue=queue_for(step.service),
-                         shadow=f"{step.service}.{step.tool}", kwargsrepr=shown(step), declare=[])  # fmt: skip
-
-
-def shown(step: StepCall) -> str:
-    """What Flower and logs show of a step's message: the run, the step and the arguments as written in the
-    workflow (templates, not the values they resolve to), cut short; never its caller token, nor a sensitive
-    step's arguments."""
-    arguments = SHOWN if step.sensitive else json.dumps(step.arguments, separators=(",", ":"), default=str)
-    return f"run={step.run_id} step={step.step_id} arguments={arguments[:200]}"
+def _sealed(arguments: dict[str, Any], sensitive: bool) -> dict[str, Any] | str:
+    return sealer(create=True).seal(arguments) if sensitive else arguments

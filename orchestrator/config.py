@@ -9,19 +9,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
-import celeryconfig
-from orchestrator.access import AccessSettings
 from orchestrator.breaker import BreakerSettings
-from orchestrator.errors import ConfigError, WorkflowNotFound
-from orchestrator.limits import Limits, check_file, check_workflow, load_yaml
-from orchestrator.secretref import SecretRef, Value
+from orchestrator.concurrency import ServiceLimits
+from orchestrator.errors import ConfigError, LimitExceeded, WorkflowNotFound
+from orchestrator.limits import YAML_DEPTH, Limits, check_file, check_identifier, check_workflow, load_yaml
+from orchestrator.messages import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+from orchestrator.security.access import AccessSettings, enabled
+from orchestrator.security.secretref import SecretRef, Value
+from orchestrator.settings import check_verify, settings
 from orchestrator.workflow import Graph, Workflow, plan
-from workers.tls import check_verify
-
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_RETRIES = 3
 
 
 class OAuthSettings(BaseModel):
@@ -97,7 +95,7 @@ class HttpServer(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     type: Literal["http"] = "http"
-    url: str
+    url: str = Field(pattern=r"^https?://[^/\s]+", description="the Streamable HTTP endpoint: http:// or https://")
     headers: Mapping[str, Value] = Field(default_factory=dict)  # Mapping: a dict[str, str] is one too
     auth: HttpAuth | None = None
     verify: bool | str = True  # certificate checks: the default CAs, or the CA bundle this path names
@@ -105,7 +103,7 @@ class HttpServer(BaseModel):
     @field_validator("verify")
     @classmethod
     def _checks_stay_on(cls, verify: bool | str) -> bool | str:
-        check_verify(verify, celeryconfig.settings.allow_insecure_tls)
+        check_verify(verify, settings.allow_insecure_tls)
         return verify
 
     @property
@@ -119,6 +117,12 @@ class HttpServer(BaseModel):
     @property
     def oauth(self) -> OAuthSettings | None:
         return self.auth.oauth if self.auth is not None else None
+
+    @property
+    def secrets(self) -> list[str]:
+        """Names of the vault secrets it is called with: its headers', its bearer's, its OAuth grant's."""
+        grant = self.oauth.secrets if self.oauth is not None else []
+        return sorted({secret for secret, _ in self.secret_headers.values()} | set(grant))
 
     @property
     def plain_headers(self) -> dict[str, str]:
@@ -148,6 +152,19 @@ class HealthSettings(BaseModel):
     avoid_after_failure: float = Field(default=10.0, ge=0)
 
 
+CACHE_BYTES = 64 * 2**20  # what a service's cached answers may take in Redis, unless its `cache.max_bytes` says
+
+
+class CacheSettings(BaseModel):
+    """A service's `cache:`: how long answers are kept, for which tools (none named: every tool whose discovered
+    annotations say `readOnlyHint: true`), and how many bytes of answers the service may keep (LRU)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl: float = Field(gt=0, allow_inf_nan=False)
+    tools: list[str] = Field(default_factory=list)
+    max_bytes: StrictInt = Field(default=CACHE_BYTES, ge=1024)
+
+
 class Service(BaseModel):
     """What a worker pool serves and a queue is named after: one server, or several instances of it
     (`instances`: server names), and the tools callers may use."""
@@ -156,11 +173,13 @@ class Service(BaseModel):
     server: str | None = None
     instances: list[str] = Field(default_factory=list)
     tools: list[str] = Field(default_factory=list)
-    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, allow_inf_nan=False)
     retries: int = Field(default=DEFAULT_RETRIES, ge=0)
     description: str | None = None
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    limits: ServiceLimits = Field(default_factory=ServiceLimits)  # calls at once and started, across the fleet
+    cache: CacheSettings | None = None  # answers of read-only tools kept fleet-wide (orchestrator/responses.py)
 
     @model_validator(mode="after")
     def _one_way_to_name_servers(self) -> Service:
@@ -193,7 +212,38 @@ class Config(BaseModel):
     def _both_server_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and "servers" in data and "mcpServers" in data:
             raise ValueError("give 'servers' or 'mcpServers', not both")
+        servers = data.get("servers", data.get("mcpServers")) if isinstance(data, dict) else None
+        for name, server in servers.items() if isinstance(servers, dict) else ():
+            # Either transport would ignore the other's key (mcp.json files carry extra keys): say which is meant.
+            if isinstance(server, dict) and "command" in server and "url" in server:
+                raise ValueError(f"servers.{name}: give 'command' (a stdio server) or 'url' (HTTP), not both")
         return data
+
+    @model_validator(mode="after")
+    def _names_fit_the_records(self) -> Config:
+        for section in ("servers", "services", "workflows"):
+            for name in getattr(self, section):
+                check_identifier(name, f"{section}: a name")
+        for name, service in self.services.items():
+            for tool in service.tools:
+                check_identifier(tool, f"services.{name}.tools: a tool name")
+        return self
+
+    @model_validator(mode="after")
+    def _limits_and_cache_fit_the_services(self) -> Config:
+        # A limit or a cache on a tool the service does not offer would never apply: most likely a misspelt name.
+        for name, service in self.services.items():
+            if service.limits.per_caller is not None and (self.access is None or not enabled(self.access)):
+                raise ValueError(f"services.{name}.limits.per_caller: needs access control (an `access:` section "
+                                 "that is on): without it every call comes from the same caller")  # fmt: skip
+            named = [("limits.tools", tool) for tool in service.limits.tools]
+            named += [("cache.tools", tool) for tool in (service.cache.tools if service.cache else [])]
+            for field, tool in named:
+                check_identifier(tool, f"services.{name}.{field}: a tool name")
+                if service.tools and tool not in service.tools:
+                    known = ", ".join(service.tools)
+                    raise ValueError(f"services.{name}.{field}: unknown tool '{tool}' (the service's tools: {known})")
+        return self
 
     @model_validator(mode="after")
     def _implicit_services(self) -> Config:
@@ -216,16 +266,23 @@ class Config(BaseModel):
             raise WorkflowNotFound(f"no workflow named '{name}' (workflows: {known})", source=self.source)
         return self.workflows[name]
 
+    def _defaults(self, service: str) -> tuple[float, int]:
+        # An unknown service gets the built-in budget here; `graph` refuses it right after planning.
+        known = self.services.get(service)
+        return (known.timeout, known.retries) if known is not None else (DEFAULT_TIMEOUT, DEFAULT_RETRIES)
+
     def graph(self, workflow: Workflow, name: str, source: str | None = None) -> Graph:
         """Plan a workflow and check every step against the services: the compile-time checks."""
         source = source or self.source
         check_workflow(workflow, name, self.limits, source)
-        graph = plan(workflow, name, source)
+        graph = plan(workflow, name, source, self._defaults)
         for step in graph.steps:
             self._check_call(step.service, step.tool, step.where, "", source)
+            if step.cache is True and self.services[step.service].cache is None:
+                raise ConfigError(f"{step.where}, field 'cache': service '{step.service}' has no `cache:` (its TTL)",
+                                  source=source)  # fmt: skip
             if step.fallback:
-                tool = step.fallback.tool or step.tool
-                self._check_call(step.fallback.service, tool, step.where, "fallback.", source)
+                self._check_call(step.fallback.service, step.fallback.tool, step.where, "fallback.", source)
         if workflow.fallback is not None and workflow.fallback not in self.workflows:
             raise ConfigError(
                 f"workflow '{name}', field 'fallback': unknown workflow '{workflow.fallback}'", source=source
@@ -266,26 +323,40 @@ def read_document(path: str | Path, max_bytes: int | None = None) -> Any:
     (default MCPO_MAX_CONFIG_BYTES) is refused unread. YAML is loaded safely: no tag builds a Python object."""
     path = Path(path)
     if max_bytes is None:
-        check_file(path, celeryconfig.settings.max_config_bytes, "MCPO_MAX_CONFIG_BYTES")
+        check_file(path, settings.max_config_bytes, "MCPO_MAX_CONFIG_BYTES")
     else:
         check_file(path, max_bytes, "limits.workflow_bytes")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", source=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (an invalid byte at offset {exc.start})", source=str(path)) from exc
     try:
         if path.suffix == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, str(path)))
         return load_yaml(text, str(path))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"line {exc.lineno}, column {exc.colno}: malformed JSON: {exc.msg}", source=str(path)
         ) from exc
+    except RecursionError as exc:  # the json module recurses per level of nesting
+        raise LimitExceeded(f"JSON nested over {YAML_DEPTH} levels deep", source=str(path)) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         position = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{position}malformed YAML: {problem}", source=str(path)) from exc
+        raise ConfigError(f"{position}malformed YAML: {problem.splitlines()[0]}", source=str(path)) from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], source: str) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json would keep the last one silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"duplicate key '{key[:100]}'", source=source)
+        seen[key] = value
+    return seen
 
 
 def validation_message(error: ValidationError) -> str:
@@ -312,6 +383,8 @@ def parse_config(data: Any, source: str | None = None, base_dir: Path | None = N
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(validation_message(exc), source=source) from exc
+    except LimitExceeded as exc:  # raised by a validator, past pydantic: the file is named here
+        raise LimitExceeded(str(exc), source=source) from exc
     config.source = source
     config.base_dir = base_dir or Path.cwd()
     return config
@@ -331,6 +404,10 @@ def load_workflow(path: str | Path, config: Config) -> tuple[str, Workflow]:
     data = read_document(path, config.limits.workflow_bytes)
     if isinstance(data, dict) and "workflows" in data:
         workflows = data["workflows"] or {}
+        if not isinstance(workflows, dict):
+            raise ConfigError(
+                f"field 'workflows': expected a mapping, found {type(workflows).__name__}", source=str(path)
+            )
         if len(workflows) != 1:
             raise ConfigError(f"holds {len(workflows)} workflows; name one of them instead", source=str(path))
         ((name, data),) = workflows.items()

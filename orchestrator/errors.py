@@ -32,8 +32,29 @@ class BrokerError(OrchestratorError):
     """The broker cannot be reached, or no worker serves a queue a run needs."""
 
 
+class RedisUnreachable(BrokerError):
+    """Redis (run state, broker) refused the connection or did not answer within the client's socket timeout;
+    the message names HOST:PORT. The CLI exits 3 on it: infrastructure, not the caller's input."""
+
+    def __init__(self, address: str, detail: str = "") -> None:
+        self.address = address
+        super().__init__(f"Redis at {address} is not reachable{detail}")
+
+
 class RunNotFound(OrchestratorError):
     """No run is known by the given id."""
+
+
+class NotResumable(OrchestratorError):
+    """A run cannot be resumed: it has not ended, names no such step, or its records lack what a resume needs."""
+
+
+class IdempotencyConflict(OrchestratorError):
+    """An idempotency key came back with another request than the one it started a run for (or is malformed)."""
+
+
+class DeadLetterNotFound(OrchestratorError):
+    """No dead letter is known by the given id, or it cannot be requeued (its body was cut)."""
 
 
 class RecordsError(OrchestratorError):
@@ -63,6 +84,9 @@ class TransportError(ToolCallError):
     """The server could not be reached, crashed, or broke the connection mid-call."""
 
     transient = True
+    # The stdio session whose end (its server process died) failed the call; None for any other failure. The
+    # calls one process's death fails count as one breaker failure.
+    session: str | None = None
 
 
 class StepTimeout(TransportError):
@@ -75,6 +99,29 @@ class Unavailable(ToolCallError):
 
 class CircuitOpen(Unavailable):
     """The service instance's circuit breaker is open: the call was refused without MCP traffic."""
+
+    def __init__(self, message: str, *, retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at  # epoch seconds when a trial may go; None: when half-open trials end
+
+
+class Throttled(Unavailable):
+    """The service's or tool's concurrency limit is reached across the fleet: the call was refused without MCP
+    traffic, and waits in the broker for a slot (workers/policies/concurrency.py)."""
+
+    def __init__(self, message: str, *, retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at  # epoch seconds when the soonest lease holding the limit expires, at the latest
+
+
+class RateLimited(Unavailable):
+    """A service's, tool's or caller's rate limit has no slot for the call yet: refused without MCP traffic, the
+    call waits in the broker for the slot it was given (workers/policies/rate.py); None when no slot comes before
+    its deadline."""
+
+    def __init__(self, message: str, *, retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at  # epoch seconds of the slot kept for the call
 
 
 class Cancelled(ToolCallError):

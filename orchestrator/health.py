@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import BaseModel
 from redis import Redis
 
-import celeryconfig
-from orchestrator import events
+from orchestrator.history import events
+from orchestrator.settings import settings
 
 HISTORY = 100
 
@@ -40,7 +40,7 @@ class HealthBook:
     def __init__(self, redis: Redis, namespace: str, record: bool | None = None) -> None:
         self.redis = redis
         self.namespace = namespace
-        self.record_beats = celeryconfig.settings.records if record is None else record
+        self.record_beats = settings.records if record is None else record
 
     @property
     def channel(self) -> str:

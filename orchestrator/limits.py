@@ -18,12 +18,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.errors import LimitExceeded
+from orchestrator.errors import ConfigError, ExpressionError, LimitExceeded
 from orchestrator.expressions import condition, expressions
 from orchestrator.workflow import Step, Workflow
 
 KIB = 1024
 YAML_NODES = 1_000_000  # nodes of a YAML document with its aliases expanded; a 1 MiB file without any has fewer
+# Step ids, workflow, service, server (instance) and tool names: the records keep them in varchar(200) columns
+# (orchestrator/history/tables.py), which PostgreSQL enforces and SQLite does not. Refused at load, the same on both.
+IDENTIFIER_CHARS = 200
 YAML_DEPTH = 100  # nesting of a YAML document; deeper ones would exhaust the recursion of whatever walks them
 
 
@@ -36,6 +39,15 @@ class Limits(BaseModel):
     steps: int = Field(default=1000, gt=0)  # steps of one workflow, parallelSteps included
     parameter_bytes: int = Field(default=256 * KIB, gt=0)  # a step's parameters, as compact JSON
     expression_chars: int = Field(default=1000, gt=0)  # one `${ }` expression or `when:` condition
+
+
+def check_identifier(value: str, where: str, source: str | None = None) -> None:
+    """Refuse a name longer than the records store, naming where it is."""
+    if len(value) > IDENTIFIER_CHARS:
+        raise LimitExceeded(
+            f"{where}: '{value[:40]}…' is {len(value)} characters long, over the limit of {IDENTIFIER_CHARS}",
+            source=source,
+        )
 
 
 def check_file(path: Path, max_bytes: int, field: str) -> None:
@@ -78,16 +90,30 @@ def _expanded_nodes(node: yaml.Node, seen: dict[int, int], depth: int, source: s
     if isinstance(node, yaml.SequenceNode):
         count += sum(_expanded_nodes(item, seen, depth - 1, source) for item in node.value)
     elif isinstance(node, yaml.MappingNode):
+        _check_unique_keys(node, source)
         count += sum(_expanded_nodes(key, seen, depth - 1, source) + _expanded_nodes(value, seen, depth - 1, source)
                      for key, value in node.value)  # fmt: skip
     seen[id(node)] = count
     return count
 
 
+def _check_unique_keys(node: yaml.MappingNode, source: str) -> None:
+    # PyYAML keeps the last of two equal keys silently; a second `timeout:` or `steps:` is a mistake to show.
+    seen: set[tuple[str, str]] = set()
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if (key.tag, key.value) in seen:
+            raise ConfigError(f"line {key.start_mark.line + 1}: duplicate key '{key.value[:100]}'", source=source)
+        seen.add((key.tag, key.value))
+
+
 def check_workflow(workflow: Workflow, name: str, limits: Limits, source: str | None) -> None:
     """Refuse a workflow with too many steps, too large parameters or too long expressions, naming the step
     and field."""
+    check_identifier(name, "the workflow's name", source)
     where = f"workflow '{name}'"
+    _check_names(workflow, where, source)
     count = len(workflow.steps) + sum(len(group) for group in workflow.parallel_steps)
     if count > limits.steps:
         raise LimitExceeded(f"{where}: {count} steps, over the limit of {limits.steps} (limits.steps)", source=source)
@@ -98,6 +124,16 @@ def check_workflow(workflow: Workflow, name: str, limits: Limits, source: str | 
             _check_expressions(value, field, limits.expression_chars, label, source)
     _check_size(workflow.output, limits.parameter_bytes, f"{where}, field 'output'", source)
     _check_expressions(workflow.output, "output", limits.expression_chars, where, source)
+
+
+def _check_names(workflow: Workflow, where: str, source: str | None) -> None:
+    for place, step in _steps(workflow):
+        names = {"id": step.id or "", "service": step.service, "tool": step.tool, "depends_on": ""}
+        names.update({f"depends_on[{index}]": dep for index, dep in enumerate(step.depends_on or [])})
+        if step.fallback is not None:
+            names.update({"fallback.service": step.fallback.service, "fallback.tool": step.fallback.tool or ""})
+        for field, value in names.items():
+            check_identifier(value, f"{where}, {place}, field '{field}'", source)
 
 
 def _steps(workflow: Workflow) -> Iterator[tuple[str, Step]]:
@@ -122,7 +158,11 @@ def _check_size(value: Any, limit: int, where: str, source: str | None) -> None:
 
 
 def _check_expressions(value: Any, field: str, limit: int, where: str, source: str | None) -> None:
-    for expression, path in expressions(value, field):
+    try:
+        found = list(expressions(value, field))
+    except ExpressionError as exc:  # an unclosed `${`: the message gains the workflow, step and file
+        raise ExpressionError(f"{where}, {exc}", source=source) from exc
+    for expression, path in found:
         if len(expression) > limit:
             raise LimitExceeded(
                 f"{where}, field '{path}': an expression of {len(expression)} characters, over the limit of "

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from orchestrator.results import RunResult, StepResult
 
-ICONS = {"pending": "·", "running": "…", "succeeded": "✔", "failed": "✘", "skipped": "↷", "cancelled": "■"}
+ICONS = {"pending": "·", "running": "…", "succeeded": "✔", "cached": "✔", "degraded": "◐", "stale-cache": "◐",
+         "failed": "✘", "skipped": "↷", "cancelled": "■"}  # fmt: skip
 
 
 def _event(run: RunResult, step_id: str, step: StepResult) -> str:

@@ -9,6 +9,7 @@ command lines from Redis would let anyone who can write to it run programs on ev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
@@ -17,13 +18,15 @@ from urllib.parse import urlsplit
 from jsonschema import Draft202012Validator
 from redis import Redis
 
-import celeryconfig
 from orchestrator.config import HttpServer
 from orchestrator.errors import ConfigError
-from orchestrator.events import buffer_key, operation_event, record_operation
 from orchestrator.expressions import OPEN
 from orchestrator.health import HealthBook
-from orchestrator.workflow import Graph, PlannedStep
+from orchestrator.history.events import buffer_key, operation_event, record_operation
+from orchestrator.messages import PlannedStep
+from orchestrator.settings import settings
+from orchestrator.text import as_text
+from orchestrator.workflow import Graph
 
 
 class Registry:
@@ -44,7 +47,7 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self._instances_key(service), instance, server.model_dump_json())
         pipe.publish(HealthBook(self.redis, self.namespace).channel, service)
-        if celeryconfig.settings.records:
+        if settings.records:
             url = _without_credentials(server.url)
             pipe.rpush(buffer_key(self.namespace), operation_event("register", who, service=service, instance=instance,
                                                                    detail={"url": url}))  # fmt: skip
@@ -56,14 +59,14 @@ class Registry:
         if removed:
             self.redis.hdel(self._key(service), instance)
             HealthBook(self.redis, self.namespace).forget(service, instance)
-            if celeryconfig.settings.records:
+            if settings.records:
                 record_operation(self.redis, self.namespace, "deregister", who, service=service, instance=instance)
         return removed
 
     def registered(self, service: str) -> dict[str, HttpServer]:
         """The instances registered at run time, by name."""
         raw = self.redis.hgetall(self._instances_key(service))
-        return {_text(name): HttpServer.model_validate_json(spec) for name, spec in raw.items()}
+        return {as_text(name): HttpServer.model_validate_json(spec) for name, spec in raw.items()}
 
     def save(self, service: str, instance: str, tools: list[dict[str, Any]]) -> None:
         entry = {"tools": tools, "at": time.time()}
@@ -71,7 +74,7 @@ class Registry:
 
     def discovered(self, service: str) -> dict[str, int]:
         """How many tools each discovered instance of a service offers."""
-        return {_text(k): len(json.loads(v)["tools"]) for k, v in self.redis.hgetall(self._key(service)).items()}
+        return {as_text(k): len(json.loads(v)["tools"]) for k, v in self.redis.hgetall(self._key(service)).items()}
 
     def tools(self, service: str) -> tuple[dict[str, dict[str, Any]], float] | None:
         """The tools every discovered instance of a service offers (name → tool), and when they were last seen."""
@@ -89,6 +92,18 @@ class Registry:
         for step in graph.steps:
             if (tools := discovered[step.service]) is not None:
                 _check_step(step, *tools, source)
+
+
+def definition(tool: Any) -> dict[str, Any]:
+    """What discovery keeps of an MCP tool (the SDK's `Tool`): everything that defines it, as JSON."""
+    annotations = tool.annotations.model_dump(by_alias=True, exclude_none=True) if tool.annotations else None
+    return {"name": tool.name, "description": tool.description, "input_schema": tool.input_schema,
+            "output_schema": tool.output_schema, "annotations": annotations}  # fmt: skip
+
+
+def definition_digest(tool: dict[str, Any]) -> str:
+    """A hash of a tool's definition: any change to it (a new schema, description or annotation) changes it."""
+    return hashlib.sha256(json.dumps(tool, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _check_step(step: PlannedStep, tools: dict[str, dict[str, Any]], at: float, source: str | None) -> None:
@@ -134,7 +149,3 @@ def _without_credentials(url: str) -> str:
     parts = urlsplit(url)
     host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or ""
     return parts._replace(netloc=host, query="").geturl()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -7,11 +7,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
-StepStatus = Literal["pending", "running", "succeeded", "failed", "skipped", "degraded", "stale-cache", "cancelled"]
+StepStatus = Literal[
+    "pending", "running", "succeeded", "cached", "failed", "skipped", "degraded", "stale-cache", "cancelled"
+]
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")
-TERMINAL_STEP = ("succeeded", "failed", "skipped", "degraded", "stale-cache", "cancelled")
-# Statuses a dependent step may run after: the step produced an output, fresh, stale or degraded.
-SATISFIED = ("succeeded", "degraded", "stale-cache")
+TERMINAL_STEP = ("succeeded", "cached", "failed", "skipped", "degraded", "stale-cache", "cancelled")
+# Statuses a dependent step may run after: the step produced an output, fresh, cached, stale or degraded.
+SATISFIED = ("succeeded", "cached", "degraded", "stale-cache")
 
 
 class AttemptError(BaseModel):
@@ -52,12 +54,13 @@ class StepResult(BaseModel):
     instance: str | None = None
     served_by: str | None = None  # "service.tool" of the fallback that answered instead
     skip_reason: Literal["condition", "upstream"] | None = None
-    stale_age_s: float | None = None
+    stale_age_s: float | None = None  # the age of an answer served from a cache: `cached` or `stale-cache`
     duration_ms: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     worker: str | None = None
     arguments_digest: str | None = None  # sha256 of the call's canonical JSON arguments, for the audit
+    reused_from: str | None = None  # the run whose output a resumed run took instead of calling again
 
     @property
     def done(self) -> bool:
@@ -76,6 +79,8 @@ class RunResult(BaseModel):
     error_summary: dict[str, dict[str, int]] = Field(default_factory=dict)  # service → error type → count
     params: dict[str, Any] = Field(default_factory=dict)
     fallback_run: str | None = None  # the run of the workflow's fallback workflow, when it had to run
+    resumed_from: str | None = None  # the run this one resumes (`mcp-orchestrator resume`)
+    idempotency_key: str | None = None  # the key it was enqueued with, if any
     created_at: float | None = None
     finished_at: float | None = None
 

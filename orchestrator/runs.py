@@ -5,7 +5,7 @@ StepResult JSON. A step's record is written by the one task that runs it, so no 
 field. A run is pending, running once a step has started, and ends once: a Lua script sets the first
 terminal status and keeps it.
 
-Each write also pushes a record event onto the records buffer (orchestrator/events.py) in the same
+Each write also pushes a record event onto the records buffer (orchestrator/history/events.py) in the same
 pipeline, unless records are off (MCPO_RECORDS=off): the SQL records cost a step no extra round trip.
 """
 
@@ -19,11 +19,13 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
-import celeryconfig
-from orchestrator import events, scripts
+from orchestrator import scripts
 from orchestrator.errors import RunNotFound
-from orchestrator.results import TERMINAL_RUN, RunResult, StepError, StepResult
-from orchestrator.sealing import seal_params
+from orchestrator.history import events
+from orchestrator.results import TERMINAL_RUN, TERMINAL_STEP, RunResult, StepError, StepResult
+from orchestrator.security.sealing import seal_params
+from orchestrator.settings import settings
+from orchestrator.text import as_text
 from orchestrator.workflow import Graph
 
 # Ends a run unless it already ended: the first terminal status wins (a cancel over a late finish).
@@ -36,6 +38,24 @@ return ARGV[1]
 """
 
 
+# KEYS: the run's steps, the run, the records buffer. ARGV: the step id, its running record, now, its record event
+# ('' with records off). Marks the step running unless its record says it ended.
+MARK = scripts.Lua(
+    """
+local ended = ENDED
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local ok, record = pcall(cjson.decode, current)
+  if ok and ended[record.status] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSETNX', KEYS[2], 'started_at', ARGV[3])
+if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[4]) end
+return 1
+""".replace("ENDED", "{" + ", ".join(f'["{status}"] = true' for status in TERMINAL_STEP) + "}")
+)
+
+
 class RunStore:
     """Reads and writes runs and their steps in Redis."""
 
@@ -43,7 +63,7 @@ class RunStore:
         self.redis = redis
         self.namespace = namespace
         self.ttl = ttl
-        self.record = celeryconfig.settings.records if record is None else record
+        self.record = settings.records if record is None else record
         self.buffer = events.buffer_key(namespace)
         self._end = redis.register_script(_END)
 
@@ -62,7 +82,7 @@ class RunStore:
         status = pipe.execute()[0]
         if status is None:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
-        return _text(status)
+        return as_text(status)
 
     def _run_key(self, run_id: str) -> str:
         return f"{self.namespace}:run:{run_id}"
@@ -72,9 +92,11 @@ class RunStore:
 
     @staticmethod
     def records(graph: Graph, version: str, params: dict[str, Any], fallback: Any = None,
-                who: str | None = None) -> dict[str, Any]:  # fmt: skip
+                who: str | None = None, origin: dict[str, str] | None = None,
+                reused: dict[str, StepResult] | None = None) -> dict[str, Any]:  # fmt: skip
         """What `write` stores for a new pending run; `fallback` is what starts if the run fails, on behalf
-        of the same caller `who`."""
+        of the same caller `who`. `origin` holds what rebuilds or names the run (its workflow definition as JSON,
+        the run it resumes, its idempotency key); `reused` the finished steps a resumed run takes over."""
         plan = {
             "steps": [
                 {"id": s.id, "service": s.service, "tool": s.tool, "depends_on": s.depends_on} for s in graph.steps
@@ -87,11 +109,15 @@ class RunStore:
         if graph.sensitive:
             params = seal_params(params)
         fields = {"workflow": graph.name, "version": version, "status": "pending", "params": json.dumps(params),
-                  "plan": json.dumps(plan), "who": who or events.caller()}  # fmt: skip
+                  "plan": json.dumps(plan), "who": who or events.caller(), **(origin or {})}  # fmt: skip
         if fallback:
             fallback["records"]["fields"]["who"] = fields["who"]
-        steps = {s.id: StepResult(service=s.service, tool=s.tool).model_dump_json() for s in graph.steps}
-        return {"fields": fields, "steps": steps}
+        reused = reused or {}
+        steps = {
+            s.id: (reused[s.id] if s.id in reused else StepResult(service=s.service, tool=s.tool)).model_dump_json()
+            for s in graph.steps
+        }
+        return {"fields": fields, "steps": steps, "reused": sorted(reused)}
 
     def write(self, run_id: str, records: dict[str, Any]) -> None:
         """Store a new pending run made by `records`, created now."""
@@ -104,6 +130,8 @@ class RunStore:
         pipe.expire(self._steps_key(run_id), self.ttl)
         if self.record:
             pipe.rpush(self.buffer, events.run_event(run_id, records["fields"], created))
+            for step_id in records.get("reused", ()):  # finished already: the records get them whole now
+                pipe.rpush(self.buffer, events.step_event(run_id, step_id, records["steps"][step_id]))
         pipe.execute()
 
     def inputs(
@@ -113,9 +141,9 @@ class RunStore:
         mark: tuple[str, StepResult] | None = None,
         pipe: Pipeline | None = None,
     ) -> tuple[str, dict[str, Any], dict[str, StepResult], list[Any]]:
-        """The run's status, its params and the records of the given steps, in one round trip; `mark`
-        (a step id and its record) is saved in the same trip. Commands the caller queued on `pipe` go in
-        the same trip too: their replies come last."""
+        """The run's status, its params and the records of the given steps (as they were before `mark`), in one round
+        trip; `mark` (a step id and its running record) is saved in the same trip, unless that step's record says it
+        ended. Commands the caller queued on `pipe` go in the same trip too: their replies come first."""
         ids = list(step_ids)
         pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
         theirs = len(pipe)
@@ -123,7 +151,7 @@ class RunStore:
         if ids:
             pipe.hmget(self._steps_key(run_id), ids)
         if mark is not None:
-            self.save_step(run_id, mark[0], mark[1], pipe)
+            self._mark(run_id, mark[0], mark[1], pipe)
         replies = scripts.execute(pipe)  # the caller's commands may be scripts
         earlier, replies = replies[:theirs], replies[theirs:]
         status, params = replies[0]
@@ -133,17 +161,23 @@ class RunStore:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
         records = replies[1] if ids else []
         steps = {sid: StepResult.model_validate_json(raw) for sid, raw in zip(ids, records, strict=True) if raw}
-        return _text(status), json.loads(params), steps, earlier
+        return as_text(status), json.loads(params), steps, earlier
+
+    def _mark(self, run_id: str, step_id: str, result: StepResult, pipe: Pipeline) -> None:
+        """Queue the mark of a step as running on `pipe`, unless its record says it ended: a message delivered again
+        after its call was recorded (its worker died before acknowledging it) must not undo the record."""
+        raw = result.model_dump_json()
+        event = events.step_event(run_id, step_id, raw) if self.record else ""
+        keys = [self._steps_key(run_id), self._run_key(run_id), self.buffer]
+        MARK.queue(pipe, keys, [step_id, raw, repr(time.time()), event])
 
     def save_step(self, run_id: str, step_id: str, result: StepResult, pipe: Pipeline | None = None) -> None:
-        """Record a step; the first step to start marks the run started (a pending run with a start is running).
-        With `pipe`, the writes are queued on it for the caller to execute."""
+        """Record a step's result (its running mark is `inputs`'s, which also marks the run started). With `pipe`,
+        the writes are queued on it for the caller to execute."""
         own = pipe is None
         pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
         raw = result.model_dump_json()
         pipe.hset(self._steps_key(run_id), step_id, raw)
-        if result.status == "running":
-            pipe.hsetnx(self._run_key(run_id), "started_at", repr(time.time()))
         if self.record:
             pipe.rpush(self.buffer, events.step_event(run_id, step_id, raw))
         if own:
@@ -167,7 +201,7 @@ class RunStore:
                                     errors=[e.model_dump() for e in errors], error_summary=summary)  # fmt: skip
             pipe.rpush(self.buffer, finished)
         index = -2 if self.record else -1
-        return _text(pipe.execute()[index])
+        return as_text(pipe.execute()[index])
 
     def link_fallback(self, run_id: str, fallback_run: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -180,7 +214,15 @@ class RunStore:
         status, started = self.redis.hmget(self._run_key(run_id), ["status", "started_at"])
         if status is None:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
-        return _live(_text(status), started)
+        return _live(as_text(status), started)
+
+    def exists(self, run_id: str) -> bool:
+        return bool(self.redis.exists(self._run_key(run_id)))
+
+    def definition(self, run_id: str) -> dict[str, Any] | None:
+        """The workflow definition a run was started from (None for a run enqueued before it was kept)."""
+        raw = self.redis.hget(self._run_key(run_id), "definition")
+        return None if raw is None else dict(json.loads(raw))
 
     def plan(self, run_id: str) -> dict[str, Any]:
         raw = self.redis.hget(self._run_key(run_id), "plan")
@@ -196,9 +238,9 @@ class RunStore:
         fields, steps = pipe.execute()
         if not fields:
             raise RunNotFound(f"run {run_id} is not known (expired or never enqueued)")
-        run = {_text(k): _text(v) for k, v in fields.items()}
+        run = {as_text(k): as_text(v) for k, v in fields.items()}
         plan = json.loads(run["plan"])
-        records = {_text(k): StepResult.model_validate_json(v) for k, v in steps.items()}
+        records = {as_text(k): StepResult.model_validate_json(v) for k, v in steps.items()}
         return RunResult(
             id=run_id,
             workflow=run["workflow"],
@@ -209,6 +251,8 @@ class RunStore:
             error_summary=json.loads(run.get("error_summary", "{}")),
             params=json.loads(run["params"]),
             fallback_run=run.get("fallback_run"),
+            resumed_from=run.get("resumed_from"),
+            idempotency_key=run.get("idempotency_key"),
             created_at=float(run["created_at"]),
             finished_at=float(run["finished_at"]) if "finished_at" in run else None,
         )
@@ -219,7 +263,3 @@ class RunStore:
 
 def _live(status: str, started_at: Any) -> str:
     return "running" if status == "pending" and started_at is not None else status
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

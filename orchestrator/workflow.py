@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.errors import ConfigError, ExpressionError
 from orchestrator.expressions import condition, references
+from orchestrator.messages import DEFAULT_RETRIES, DEFAULT_TIMEOUT, PlannedFallback, PlannedStep
+
+# A service's timeout and retries, by its name: what a step that does not set its own gets.
+Defaults = Callable[[str], tuple[float, int]]
 
 
 class Fallback(BaseModel):
@@ -30,6 +34,13 @@ class Fallback(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class StepCache(BaseModel):
+    """A step's `cache: {ttl: SECONDS}`: its answers kept that long, whatever its service says."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl: float = Field(gt=0, allow_inf_nan=False)
+
+
 class Step(BaseModel):
     """One MCP tool call in a workflow."""
 
@@ -38,7 +49,7 @@ class Step(BaseModel):
     service: str
     tool: str
     parameters: dict[str, Any] = Field(default_factory=dict)
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     retries: int | None = Field(default=None, ge=0)
     fallback: Fallback | None = None
     depends_on: list[str] | None = Field(default=None, alias="depends_on")
@@ -46,7 +57,8 @@ class Step(BaseModel):
     optional: bool = False
     use_stale: float | None = Field(default=None, gt=0)
     retry_tool_errors: bool = False
-    sensitive: bool = False  # arguments, output and errors sealed end to end (orchestrator/sealing.py)
+    sensitive: bool = False  # arguments, output and errors sealed end to end (orchestrator/security/sealing.py)
+    cache: bool | StepCache | None = None  # false: never from the response cache; true or {ttl}: even if not read-only
 
     @model_validator(mode="before")
     @classmethod
@@ -76,26 +88,6 @@ class Workflow(BaseModel):
         """A short hash of the definition: two runs of the same version ran the same workflow."""
         text = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class PlannedStep:
-    """A step with its final id and the ids it waits for."""
-
-    id: str
-    service: str
-    tool: str
-    parameters: dict[str, Any]
-    timeout: float | None
-    retries: int | None
-    fallback: Fallback | None
-    depends_on: tuple[str, ...]
-    where: str
-    when: str | None = None
-    optional: bool = False
-    use_stale: float | None = None
-    retry_tool_errors: bool = False
-    sensitive: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,11 +123,14 @@ class Graph:
         return [step.id for step in self.steps if step.id not in used]
 
 
-def plan(workflow: Workflow, name: str, source: str | None = None) -> Graph:
-    """Normalise a workflow to its step graph, checking ids, dependencies, cycles and references."""
+def plan(workflow: Workflow, name: str, source: str | None = None, defaults: Defaults | None = None) -> Graph:
+    """Normalise a workflow to its step graph, checking ids, dependencies, cycles and references. Each step's
+    timeout and retries, and its fallback's, are resolved here, once: the step's own, else its service's
+    (`defaults`; without it, the built-in defaults)."""
     where = f"workflow '{name}'"
     is_dag = any(step.depends_on is not None for step in workflow.steps)
-    steps = _plan_dag(workflow, where, source) if is_dag else _plan_sequence(workflow, where, source)
+    planner = _plan_dag if is_dag else _plan_sequence
+    steps = planner(workflow, where, source, defaults or _builtin)
     graph = Graph(name=name, steps=tuple(steps), output=workflow.output)
     _check_cycles(graph, where, source)
     _check_references(graph, where, source)
@@ -160,7 +155,7 @@ def _tainted(graph: Graph, everything: bool) -> Graph:
     return Graph(name=graph.name, steps=steps, output=graph.output)
 
 
-def _plan_dag(workflow: Workflow, where: str, source: str | None) -> list[PlannedStep]:
+def _plan_dag(workflow: Workflow, where: str, source: str | None, defaults: Defaults) -> list[PlannedStep]:
     if workflow.parallel_steps:
         raise ConfigError(
             f"{where}: 'parallelSteps' cannot be combined with 'depends_on' (it could mean two things). "
@@ -181,7 +176,7 @@ def _plan_dag(workflow: Workflow, where: str, source: str | None) -> list[Planne
                 "to run 'steps' in order.",
                 source=source,
             )
-        planned.append(_planned(step, step.id, tuple(step.depends_on), f"{where}, step '{step.id}'"))
+        planned.append(_planned(step, step.id, tuple(step.depends_on), f"{where}, step '{step.id}'", defaults))
     _check_unique(planned, where, source)
     known = {planned_step.id for planned_step in planned}
     for planned_step in planned:
@@ -195,7 +190,7 @@ def _plan_dag(workflow: Workflow, where: str, source: str | None) -> list[Planne
     return planned
 
 
-def _plan_sequence(workflow: Workflow, where: str, source: str | None) -> list[PlannedStep]:
+def _plan_sequence(workflow: Workflow, where: str, source: str | None, defaults: Defaults) -> list[PlannedStep]:
     stages: list[list[tuple[Step, str]]] = [[(step, f"steps[{i}]")] for i, step in enumerate(workflow.steps)]
     stages += [
         [(step, f"parallelSteps[{g}][{i}]") for i, step in enumerate(group)]
@@ -211,7 +206,7 @@ def _plan_sequence(workflow: Workflow, where: str, source: str | None) -> list[P
             step_id = ids[counter]
             counter += 1
             label = f"{where}, step '{step_id}' ({place})"
-            current.append(_planned(step, step_id, previous, label))
+            current.append(_planned(step, step_id, previous, label, defaults))
         planned += current
         previous = tuple(step.id for step in current)
     _check_unique(planned, where, source)
@@ -236,15 +231,20 @@ def _default_ids(steps: Iterable[Step]) -> list[str]:
     return ids
 
 
-def _planned(step: Step, step_id: str, depends_on: tuple[str, ...], where: str) -> PlannedStep:
+def _builtin(service: str) -> tuple[float, int]:
+    return DEFAULT_TIMEOUT, DEFAULT_RETRIES
+
+
+def _planned(step: Step, step_id: str, depends_on: tuple[str, ...], where: str, defaults: Defaults) -> PlannedStep:
+    timeout, retries = defaults(step.service)
     return PlannedStep(
         id=step_id,
         service=step.service,
         tool=step.tool,
         parameters=step.parameters,
-        timeout=step.timeout,
-        retries=step.retries,
-        fallback=step.fallback,
+        timeout=step.timeout or timeout,
+        retries=retries if step.retries is None else step.retries,
+        fallback=_fallback(step, defaults),
         depends_on=depends_on,
         where=where,
         when=condition(step.when) if step.when else None,
@@ -252,7 +252,17 @@ def _planned(step: Step, step_id: str, depends_on: tuple[str, ...], where: str) 
         use_stale=step.use_stale,
         retry_tool_errors=step.retry_tool_errors,
         sensitive=step.sensitive,
+        cache=step.cache.ttl if isinstance(step.cache, StepCache) else step.cache,
     )
+
+
+def _fallback(step: Step, defaults: Defaults) -> PlannedFallback | None:
+    # A fallback call gets its own service's budget, not the step's.
+    if step.fallback is None:
+        return None
+    timeout, retries = defaults(step.fallback.service)
+    parameters = step.parameters if step.fallback.parameters is None else step.fallback.parameters
+    return PlannedFallback(step.fallback.service, step.fallback.tool or step.tool, parameters, timeout, retries)
 
 
 def _check_unique(steps: list[PlannedStep], where: str, source: str | None) -> None:

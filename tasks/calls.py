@@ -7,10 +7,11 @@ from typing import Any
 from celery import Task
 from celery.canvas import maybe_signature
 
-from orchestrator.compiler import shown, step_signature
+from orchestrator.messages import StepCall
 from workers import runtime
-from workers.app import app
-from workers.execution import Reroute, Retry, StepCall, execute_step, finish_run
+from workers.app import app, step_signature
+from workers.execution import execute_step, finish_run
+from workers.pipeline import Reroute, Retry
 from workers.request import DecodedRequest
 
 
@@ -22,7 +23,7 @@ def call(self: Task, **message: Any) -> dict[str, Any]:
     outcome = execute_step(runtime.current(), StepCall(**message), self.request.hostname)
     if isinstance(outcome, Retry):
         # Re-sent with a countdown: the backoff waits in the broker, not in a worker slot.
-        raise self.retry(kwargs=outcome.call.message(), countdown=outcome.countdown, kwargsrepr=shown(outcome.call))
+        raise self.retry(kwargs=outcome.call.message(), countdown=outcome.countdown, kwargsrepr=outcome.call.shown())
     if isinstance(outcome, Reroute):
         # The fallback service's queue takes the call, keeping its place in the canvas.
         raise self.replace(step_signature(outcome.call))

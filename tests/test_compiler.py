@@ -5,7 +5,8 @@ from __future__ import annotations
 from celery import group
 from celery.canvas import Signature, _chain, _chord
 
-from orchestrator.compiler import Parallel, Series, shape, to_canvas
+from orchestrator.compiler import Parallel, Series, shape, step_call, to_canvas
+from orchestrator.config import parse_config
 from orchestrator.workflow import Graph, Step, Workflow, plan
 from workers.app import app
 
@@ -86,3 +87,23 @@ def test_a_chain_ending_in_a_group_inside_a_group_keeps_that_groups_results() ->
     branch, single = canvas.tasks
     assert [t.options.get("ignore_result") for t in branch.tasks[-1].tasks] == [False, False]
     assert branch.tasks[0].options.get("ignore_result") is None and single.options.get("ignore_result") is None
+
+
+def test_a_steps_budget_is_resolved_once_when_it_is_planned() -> None:
+    config = parse_config({
+        "servers": {"a": {"command": "a"}, "b": {"command": "b"}},
+        "services": {"slow": {"server": "a", "timeout": 45, "retries": 5}, "spare": {"server": "b", "timeout": 7}},
+    })  # fmt: skip
+    workflow = Workflow.model_validate({"steps": [
+        {"id": "inherits", "service": "slow", "tool": "t", "fallback": "spare"},
+        {"id": "own", "service": "slow", "tool": "t", "timeout": 3, "retries": 0},
+    ]})  # fmt: skip
+    inherits, own = config.graph(workflow, "w").steps
+    assert (inherits.timeout, inherits.retries, own.timeout, own.retries) == (45, 5, 3, 0)
+    assert inherits.fallback is not None and (inherits.fallback.timeout, inherits.fallback.retries) == (7, 3)
+    # The message copies the plan: the service's values are not read again.
+    config.services["slow"] = config.services["slow"].model_copy(update={"timeout": 99.0, "retries": 9})
+    call = step_call("run", inherits)
+    assert (call.timeout, call.retries) == (45, 5)
+    assert call.fallback == {"service": "spare", "tool": "t", "arguments": {}, "timeout": 7, "retries": 3}
+    assert (step_call("run", own).timeout, step_call("run", own).retries) == (3, 0)

@@ -17,10 +17,10 @@ import yaml
 from sqlalchemy import select
 
 from orchestrator import Orchestrator, RunResult, Workflow, load_config
-from orchestrator.flusher import Flusher
-from orchestrator.records import RecordStore
+from orchestrator.history.flusher import Flusher
+from orchestrator.history.records import RecordStore
+from orchestrator.history.tables import AuditRecord
 from orchestrator.results import InstanceStatus
-from orchestrator.tables import AuditRecord
 
 from .conftest import ROOT, TEST_SERVICES, RecordsDatabase, WorkerProcesses, free_port
 
@@ -44,7 +44,7 @@ class Fleet:
         return self.orch.enqueue(workflow).wait(90)
 
     def instances(self, service: str) -> dict[str, InstanceStatus]:
-        return {s.instance: s for s in self.orch.services() if s.service == service}
+        return {s.instance: s for s in self.orch.fleet.services() if s.service == service}
 
 
 def served_by(result: RunResult) -> Counter[str | None]:
@@ -109,9 +109,9 @@ def test_health_beats_show_status_latency_and_tools_and_keep_down_instances_out(
     fleet: Fleet, http_server: Callable[..., str]
 ) -> None:
     url = http_server(str(SERVERS / "testing.py"))
-    fleet.orch.register("echoes", "remote", url)
-    fleet.orch.register("echoes", "nowhere", f"http://127.0.0.1:{free_port()}/mcp")
-    fleet.orch.discover(["echoes"])  # a health beat, now
+    fleet.orch.fleet.register("echoes", "remote", url)
+    fleet.orch.fleet.register("echoes", "nowhere", f"http://127.0.0.1:{free_port()}/mcp")
+    fleet.orch.fleet.discover(["echoes"])  # a health beat, now
     states = fleet.instances("echoes")
     assert {name: s.health for name, s in states.items()} == {"testing": "up", "remote": "up", "nowhere": "down"}
     assert states["remote"].registered and not states["testing"].registered
@@ -122,15 +122,15 @@ def test_health_beats_show_status_latency_and_tools_and_keep_down_instances_out(
     assert result.status == "succeeded", result.errors
     assert set(served_by(result)) == {"testing", "remote"}  # never the instance whose beat failed
 
-    fleet.orch.deregister("echoes", "remote")
-    fleet.orch.deregister("echoes", "nowhere")
+    fleet.orch.fleet.deregister("echoes", "remote")
+    fleet.orch.fleet.deregister("echoes", "nowhere")
     after = fleet.fan_out("echoes", "concurrent", 6, {"seconds": 0.1})
     assert set(served_by(after)) == {"testing"}
     assert set(fleet.instances("echoes")) == {"testing"}
 
 
 def test_when_every_instance_is_down_the_step_goes_to_its_fallback(fleet: Fleet) -> None:
-    fleet.orch.discover(["gone"])
+    fleet.orch.fleet.discover(["gone"])
     assert {s.health for s in fleet.instances("gone").values()} == {"down"}
     workflow = Workflow.model_validate({"id": "gone", "steps": [
         {"id": "call", "service": "gone", "tool": "anything", "parameters": {"value": 1},
@@ -155,7 +155,7 @@ def test_celery_beat_schedules_health_beats_on_each_service_queue(fleet: Fleet, 
         while (fleet.instances("pair")["fa"].last_seen or 0.0) <= before:
             assert beat.poll() is None and time.monotonic() < deadline, f"no beat arrived; see {log.name}"
             time.sleep(0.2)
-        history = fleet.orch.health_history("pair", "fa")
+        history = fleet.orch.fleet.health_history("pair", "fa")
         assert history[0].status == "up" and history[0].tools == 1
     finally:
         beat.terminate()
@@ -179,11 +179,11 @@ def test_register_and_deregister_from_the_command_line(fleet: Fleet, worker_env:
 
 
 def test_health_history_and_registrations_reach_the_records(fleet: Fleet, records_database: RecordsDatabase) -> None:
-    fleet.orch.register("echoes", "audited", "http://user:pw@127.0.0.1:9/mcp?key=k")
-    fleet.orch.discover(["echoes"])
-    fleet.orch.deregister("echoes", "audited")
+    fleet.orch.fleet.register("echoes", "audited", "http://user:pw@127.0.0.1:9/mcp?key=k")
+    fleet.orch.fleet.discover(["echoes"])
+    fleet.orch.fleet.deregister("echoes", "audited")
     store = RecordStore(records_database.url)
-    Flusher(fleet.orch.store.redis, fleet.orch.store.namespace, store).flush(60)
+    Flusher(fleet.orch.connect().redis, fleet.orch.connect().namespace, store).flush(60)
     assert [beat.status for beat in store.health("echoes", "audited")] == ["down"]
     assert store.health("echoes", "testing")[0].status == "up"
     with store.session() as session:
@@ -192,3 +192,13 @@ def test_health_history_and_registrations_reach_the_records(fleet: Fleet, record
     assert [action for action, _, _ in audited] == ["register", "deregister"]
     assert audited[0][1] == "echoes" and "127.0.0.1:9/mcp" in (audited[0][2] or "")
     assert "pw" not in (audited[0][2] or "") and "key=k" not in (audited[0][2] or "")  # no credentials kept
+
+
+def test_the_fleet_methods_old_names_still_work_with_a_deprecation_warning(fleet: Fleet) -> None:
+    with pytest.warns(DeprecationWarning, match=r"Orchestrator.services\(\) is now Orchestrator.fleet.services\(\)"):
+        old = fleet.orch.services()
+    assert [(s.service, s.instance) for s in old] == [(s.service, s.instance) for s in fleet.orch.fleet.services()]
+    with pytest.warns(DeprecationWarning, match="fleet.health_history"):
+        assert all(beat.status in ("up", "down") for beat in fleet.orch.health_history("pair", "fa"))
+    with pytest.warns(DeprecationWarning, match=r"Orchestrator.store is deprecated: use Orchestrator.connect\(\)"):
+        assert fleet.orch.store is fleet.orch.connect()

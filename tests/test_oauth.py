@@ -28,7 +28,7 @@ from redis import Redis
 from orchestrator import Orchestrator, Workflow, load_config
 from orchestrator.config import HttpServer, parse_config
 from orchestrator.errors import ConfigError
-from orchestrator.vault import KeyRing, Vault
+from orchestrator.security.vault import KeyRing, Vault
 from workers.app import app, queue_for
 from workers.credentials import Credentials
 from workers.oauth import REFRESH_SHARE, StoredToken, VaultTokenStorage

@@ -51,3 +51,10 @@ def test_live_table_on_a_terminal() -> None:
     assert result.status == "failed"
     text = stream.getvalue()
     assert "run r1234567890 · w · failed" in text and "svc.t2" in text and "boom" in text
+
+
+def test_every_step_status_has_an_icon() -> None:
+    from orchestrator.progress import ICONS
+    from orchestrator.results import StepStatus
+
+    assert set(ICONS) == set(StepStatus.__args__)  # type: ignore[attr-defined]

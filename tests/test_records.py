@@ -16,18 +16,19 @@ import yaml
 from redis import Redis
 from sqlalchemy import select, text
 
-from orchestrator import Orchestrator, RunResult, Workflow, audit, events, load_config
+from orchestrator import Orchestrator, RunResult, Workflow, load_config
 from orchestrator.errors import RecordsError
-from orchestrator.flusher import Flusher
-from orchestrator.records import RecordStore
-from orchestrator.tables import AuditRecord
+from orchestrator.history import audit, events
+from orchestrator.history.flusher import Flusher
+from orchestrator.history.records import RecordStore
+from orchestrator.history.tables import AuditRecord
 
 from .conftest import ROOT, TEST_SERVICES, RecordsDatabase, WorkerProcesses, scratch_postgres
 
 
 def records_of(orch: Orchestrator, database: RecordsDatabase) -> tuple[RecordStore, Flusher]:
     store = RecordStore(database.url)
-    return store, Flusher(orch.store.redis, orch.store.namespace, store)
+    return store, Flusher(orch.connect().redis, orch.connect().namespace, store)
 
 
 def audit_rows(store: RecordStore, run_id: str) -> list[AuditRecord]:
@@ -110,8 +111,8 @@ def test_status_and_show_read_the_records_after_redis_forgot_the_run(
     result = test_orch.enqueue(workflow("forgotten", steps)).wait(60)
     assert result.status == "succeeded", result.errors
     flusher.flush(60)
-    namespace = test_orch.store.namespace
-    test_orch.store.redis.delete(f"{namespace}:run:{result.id}", f"{namespace}:run:{result.id}:steps")  # the TTL
+    namespace = test_orch.connect().namespace
+    test_orch.connect().redis.delete(f"{namespace}:run:{result.id}", f"{namespace}:run:{result.id}:steps")  # the TTL
 
     again = test_orch.status(result.id)
     assert again.steps["only"].output["value"] == {"big": "x" * 70_000}  # whole, from the `outputs` table
@@ -150,7 +151,7 @@ def test_a_run_completes_while_the_database_is_down_and_every_record_arrives_aft
         assert flusher.pending() > 0  # the run's records wait in Redis
         assert audit_count() == before
         with pytest.raises(RecordsError):
-            Flusher(test_orch.store.redis, test_orch.store.namespace, RecordStore(records_database.url),
+            Flusher(test_orch.connect().redis, test_orch.connect().namespace, RecordStore(records_database.url),
                     lock_ttl=5).flush(10)  # fmt: skip
     flusher.flush(120)
     assert_records_match(store, result)
@@ -192,8 +193,8 @@ def test_two_worker_processes_writing_at_once_keep_one_chain(
 
 APPENDER = """
 import sys
-from orchestrator import events
-from orchestrator.records import RecordStore
+from orchestrator.history import events
+from orchestrator.history.records import RecordStore
 store = RecordStore(sys.argv[1])
 for batch in range(int(sys.argv[3])):
     store.apply([events.operation_event("register", who=sys.argv[2], service=f"s{batch}-{n}") for n in range(5)])
@@ -310,10 +311,10 @@ def test_an_events_time_is_read_off_its_head() -> None:
 def test_records_off_pushes_nothing(test_orch: Orchestrator) -> None:
     from orchestrator.runs import RunStore
 
-    quiet = RunStore(test_orch.store.redis, f"{test_orch.store.namespace}-off", 60, record=False)
+    quiet = RunStore(test_orch.connect().redis, f"{test_orch.connect().namespace}-off", 60, record=False)
     graph = test_orch.graph(workflow("quiet", [{"service": "testing", "tool": "echo"}]))
     quiet.write("r", quiet.records(graph, "v", {}))
-    assert test_orch.store.redis.llen(events.buffer_key(quiet.namespace)) == 0
+    assert test_orch.connect().redis.llen(events.buffer_key(quiet.namespace)) == 0
 
 
 def test_secret_looking_params_are_redacted_at_any_depth() -> None:

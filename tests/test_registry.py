@@ -63,7 +63,7 @@ def test_services_never_discovered_are_not_checked() -> None:
 
 
 def test_discover_through_the_workers_then_enqueue_checks(test_orch: Orchestrator, worker_env: dict[str, str]) -> None:
-    found = test_orch.discover(["testing"])
+    found = test_orch.fleet.discover(["testing"])
     assert {"echo", "sleep", "hang", "register"} <= set(found["testing"])
     bad = Workflow.model_validate({"id": "bad", "steps": [
         {"id": "nap", "service": "testing", "tool": "sleep", "parameters": {"seconds": "long"}}]})  # fmt: skip

@@ -1,4 +1,5 @@
-"""Sealing of sensitive data (orchestrator/sealing.py) and the redacting log filter (orchestrator/redaction.py)."""
+"""Sealing of sensitive data (orchestrator/security/sealing.py) and the redacting log filter
+(orchestrator/security/redaction.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from orchestrator import Workflow, load_config, redaction, sealing
-from orchestrator.compiler import shown, step_call
+from orchestrator import Workflow, load_config
+from orchestrator.compiler import step_call
 from orchestrator.errors import SealedDataUnreadable
 from orchestrator.results import AttemptError, RunResult, StepError, StepResult
-from orchestrator.sealing import PREFIX, Sealer, is_sealed, open_run, seal_errors, seal_result
-from orchestrator.vault import KeyRing
+from orchestrator.security import redaction, sealing
+from orchestrator.security.sealing import PREFIX, Sealer, is_sealed, open_run, seal_errors, seal_result
+from orchestrator.security.vault import KeyRing
 from orchestrator.workflow import plan
 
 from .conftest import TEST_SERVICES
@@ -107,11 +109,11 @@ def test_a_sensitive_step_message_carries_sealed_arguments_and_shows_none() -> N
         {"service": "testing", "tool": "echo", "parameters": {"value": value}, "sensitive": True,
          "fallback": "testing"}]})  # fmt: skip
     graph = config.graph(definition, "w")
-    call = step_call(config, "run", graph.steps[0], opens=graph.sensitive)
+    call = step_call("run", graph.steps[0], opens=graph.sensitive)
     message = json.dumps(call.message())
     assert value not in message and call.sensitive and call.opens
-    assert shown(call) == "run=run step=echo arguments=[sealed]"
-    plain = step_call(config, "run", config.graph(workflow(), "w").steps[2])
+    assert call.shown() == "run=run step=echo arguments=[sealed]"
+    plain = step_call("run", config.graph(workflow(), "w").steps[2])
     assert "sensitive" not in plain.message() and "opens" not in plain.message()
 
 

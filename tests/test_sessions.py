@@ -17,7 +17,8 @@ from orchestrator.config import parse_config
 from orchestrator.errors import StepTimeout
 from workers.sessions import SessionPool
 
-from .conftest import ROOT, SERVICES, TEST_SERVICES
+from .conftest import ROOT, SERVERS, SERVICES, TEST_SERVICES
+from .proxy import TcpProxy
 
 MEMORY_SERVER = "@modelcontextprotocol/server-memory@2026.8.31"
 
@@ -140,6 +141,34 @@ def test_streamable_http_server(http_server: Callable[..., str], tmp_path: Path)
     try:
         answers = sessions.run(many())
         assert [a["library"] for a in answers] == [f"lib{i}" for i in range(20)]
+    finally:
+        sessions.close()
+
+
+def test_one_http_request_lost_on_the_way_fails_that_call_alone(
+    http_server: Callable[..., str], tmp_path: Path
+) -> None:
+    url = http_server(str(SERVERS / "testing.py"))
+    proxy = TcpProxy(("127.0.0.1", int(url.split(":")[2].split("/")[0])), drop=b"dropped-on-the-way")
+    sessions = SessionPool(parse_config({"servers": {"t": {"url": f"http://127.0.0.1:{proxy.port}/mcp"}}}),
+                           tmp_path / "logs")  # fmt: skip
+
+    async def one(tool: str, arguments: dict[str, Any]) -> Any:
+        try:
+            return await sessions.call_tool("t", tool, arguments, 20)
+        except TransportError as exc:
+            return exc
+
+    async def together() -> list[Any]:
+        calls = [one("sleep", {"seconds": 1.0}) for _ in range(9)]
+        return await asyncio.gather(*calls, one("echo", {"value": "dropped-on-the-way"}))
+
+    try:
+        sessions.run(one("echo", {"value": "first"}))  # the session is open before the calls start
+        *slept, lost = sessions.run(together())
+        assert isinstance(lost, TransportError) and "connection lost" in str(lost) and lost.session is None, lost
+        assert not [answer for answer in slept if isinstance(answer, Exception)], slept  # the other 9 finished
+        assert sessions.run(one("echo", {"value": "after"}))["value"] == "after"
     finally:
         sessions.close()
 

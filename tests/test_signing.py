@@ -26,13 +26,14 @@ from kombu import Message
 from redis import Redis
 from sqlalchemy import select
 
-from orchestrator import audit
-from orchestrator.flusher import Flusher
-from orchestrator.records import RecordStore
-from orchestrator.tables import AuditRecord
+from orchestrator.deadletters import DeadLetters
+from orchestrator.history import audit
+from orchestrator.history.flusher import Flusher
+from orchestrator.history.records import RecordStore
+from orchestrator.history.tables import AuditRecord
+from orchestrator.messages import StepCall
 from tasks.calls import call
 from workers.app import app, use_broker
-from workers.execution import StepCall
 from workers.request import DecodedRequest
 from workers.signing import MessageCertificate, MessageCertStore, SigningPrivateKey, create_identity, secure_serializer
 
@@ -161,14 +162,17 @@ def _wait_for_refusals(signed: Signed, count: int, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def test_an_unsigned_message_pushed_into_redis_is_refused(signed: Signed) -> None:
+def test_an_unsigned_message_pushed_into_redis_is_refused(signed: Signed, redis_url: str) -> None:
     before, refused = signed.traffic(), signed.refusals()
     _send_unsigned(signed)
     _wait_for_refusals(signed, refused + 1)
     assert signed.traffic() == before
+    # Quarantined (workers/quarantine.py), not dropped: kept in the dead letters with why.
+    letters = DeadLetters(Redis.from_url(redis_url), signed.namespace).list()
+    assert "ContentDisallowed" in letters[-1].reason and letters[-1].queue == f"{signed.namespace}.guarded"
 
 
-def test_a_message_signed_by_an_untrusted_key_is_refused(signed: Signed) -> None:
+def test_a_message_signed_by_an_untrusted_key_is_refused(signed: Signed, redis_url: str) -> None:
     before, refused = signed.traffic(), signed.refusals()
     send = (
         "import sys, uuid; from orchestrator.config import load_config; from workers.app import app, use_broker;"
@@ -182,6 +186,7 @@ def test_a_message_signed_by_an_untrusted_key_is_refused(signed: Signed) -> None
     assert sent.returncode == 0, sent.stderr
     _wait_for_refusals(signed, refused + 1)
     assert signed.traffic() == before
+    assert "SecurityError" in DeadLetters(Redis.from_url(redis_url), signed.namespace).list()[-1].reason
 
 
 MESSAGE = {"task": "mcpo.call", "kwargs": {"tool": "work", "arguments": {"target": "staging"}}}

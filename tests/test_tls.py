@@ -26,8 +26,9 @@ from sqlalchemy.exc import OperationalError
 import celeryconfig
 from orchestrator import ConfigError, Orchestrator, load_config
 from orchestrator.config import parse_config
-from orchestrator.records import RecordStore
-from workers.tls import connect_redis, redis_ssl, server_verify
+from orchestrator.history.records import RecordStore
+from orchestrator.settings import redis_ssl
+from workers.tls import connect_redis, server_verify
 
 from .conftest import ROOT, TEST_SERVICES, WorkerProcesses, free_port, wait_for_port
 

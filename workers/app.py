@@ -6,10 +6,15 @@ import logging
 from typing import Any
 
 from celery import Celery
+from celery.canvas import Signature
 from celery.signals import after_setup_logger, after_setup_task_logger
 
 import celeryconfig
-from orchestrator import redaction
+from orchestrator.messages import StepCall
+from orchestrator.security import redaction
+from orchestrator.settings import settings
+from workers import reclaim
+from workers.sentinel import celery_url, transport_options
 from workers.transport import transport_for
 
 app = Celery("mcp_orchestrator", include=["tasks.calls"])
@@ -26,16 +31,26 @@ def _redact_logs(logger: logging.Logger, **_: Any) -> None:
 
 after_setup_logger.connect(_redact_logs, weak=False)
 after_setup_task_logger.connect(_redact_logs, weak=False)
+reclaim.wire()
 
 
 def queue_for(service: str) -> str:
     """The queue a service's worker pool consumes."""
-    return f"{celeryconfig.settings.namespace}.{service}"
+    return f"{settings.namespace}.{service}"
+
+
+def step_signature(step: StepCall) -> Signature:
+    """The signature of one step's call, routed to its service's queue and named `service.tool`.
+
+    Flower and logs show `step.shown()`: Celery would otherwise build that text from every field.
+    """
+    return app.signature("mcpo.call", kwargs=step.message(), immutable=True, queue=queue_for(step.service),
+                         shadow=f"{step.service}.{step.tool}", kwargsrepr=step.shown(), declare=[])  # fmt: skip
 
 
 def control_queue() -> str:
     """The queue for run bookkeeping (finishing a run); every worker consumes it."""
-    return f"{celeryconfig.settings.namespace}.control"
+    return f"{settings.namespace}.control"
 
 
 def served_queues(timeout: float = 1.0) -> set[str]:
@@ -45,11 +60,29 @@ def served_queues(timeout: float = 1.0) -> set[str]:
 
 
 def use_broker(url: str, broker_url: str | None = None) -> None:
-    """Point this process's app at a Redis (result backend) and a broker (Redis unless given)."""
+    """Point this process's app at a Redis (result backend) and a broker (Redis unless given); either may be a
+    Sentinel URL, given to Celery in kombu's form with the master's name in the transport options."""
     broker = broker_url or url
-    tls = celeryconfig.settings.redis_ssl
-    app.conf.update(broker_url=broker, broker_transport=transport_for(broker), result_backend=url,
-                    broker_use_ssl=tls(broker), redis_backend_use_ssl=tls(url))  # fmt: skip
+    tls = settings.redis_ssl
+    if app.conf.broker_url != celery_url(broker):
+        # The app's connection and producer pools were built for the previous broker: they would go on using it.
+        app._after_fork()
+    if app.conf.result_backend != celery_url(url):
+        # The result backend Celery keeps once made (per thread, or shared when thread-safe) is the previous one's.
+        app._local.__dict__.pop("backend", None)
+        app._backend_cache = None
+    conf = app.conf
+    conf.update(broker_url=celery_url(broker), broker_transport=transport_for(broker), result_backend=celery_url(url),
+                broker_use_ssl=tls(broker), redis_backend_use_ssl=tls(url), mcpo_redis_url=url,
+                broker_transport_options={**conf.broker_transport_options, **transport_options(broker)},
+                result_backend_transport_options={**conf.result_backend_transport_options,
+                                                  **transport_options(url)})  # fmt: skip
+
+
+def redis_url() -> str:
+    """The Redis of run state, as use_broker (or REDIS_URL) gave it: for a Sentinel group the result backend's URL
+    is kombu's form, which names no master."""
+    return str(app.conf.get("mcpo_redis_url") or settings.redis_url or app.conf.result_backend)
 
 
 def release_result_subscriptions() -> None:

@@ -164,7 +164,8 @@ class Balancer:
             range(len(up)),
             key=lambda i: (up[i] in elsewhere or up[i] in view.avoid, counts[up[i]], (i - turn) % len(up)),
         )
-        refusals = []
+        refusals: list[str] = []
+        retry_at: list[float | None] = []
         for name in (up[i] for i in order):
             breaker = self.breaker(service, name)
             permit = ask.take(service, name) if ask is not None else None
@@ -173,18 +174,24 @@ class Balancer:
             if permit is not None and not permit.allowed:
                 until = time.strftime("%H:%M:%S", time.localtime(permit.retry_at)) if permit.retry_at else "trials end"
                 refusals.append(f"circuit breaker for {service}/{name} is {permit.state}; refusing calls until {until}")
+                retry_at.append(permit.retry_at)
                 continue
             token = self._enter(service, name, deadline) if len(view.servers) > 1 else None
             return Lease(service, name, breaker, permit, token)
-        raise CircuitOpen("; ".join(refusals))
+        # The earliest a refused call may go: a half-open breaker's trials may end any time.
+        soonest = None if None in retry_at else min(t for t in retry_at if t is not None)
+        raise CircuitOpen("; ".join(refusals), retry_at=soonest)
 
-    def release(self, lease: Lease, failed: bool | None, pipe: Pipeline | None = None) -> None:
-        """End a call: record its outcome in the breaker (None: no verdict on the server) and drop its count,
-        in one round trip (on `pipe`, executed by the caller, when given)."""
+    def release(
+        self, lease: Lease, failed: bool | None, pipe: Pipeline | None = None, session: str | None = None
+    ) -> None:
+        """End a call: record its outcome in the breaker (None: no verdict on the server; `session`: the MCP
+        session whose end failed it) and drop its count, in one round trip (on `pipe`, executed by the caller,
+        when given)."""
         own = pipe is None
         pipe = self.redis.pipeline(transaction=False) if pipe is None else pipe
         if lease.permit is not None and failed is not None:
-            lease.breaker.record(lease.permit, failed, time.monotonic() - lease.began, pipe=pipe)
+            lease.breaker.record(lease.permit, failed, time.monotonic() - lease.began, pipe=pipe, session=session)
         if lease.token is not None:
             pipe.zrem(self._in_flight_key(lease.service, lease.instance), lease.token)
         if own:

@@ -20,9 +20,9 @@ from redis.exceptions import RedisError
 
 from orchestrator.config import StdioServer
 from orchestrator.errors import VaultError
-from orchestrator.secretref import SecretRef
-from orchestrator.security import security_event
-from orchestrator.vault import Vault
+from orchestrator.security.events import security_event
+from orchestrator.security.secretref import SecretRef
+from orchestrator.security.vault import Vault
 
 log = logging.getLogger(__name__)
 FRESH_FOR = 1.0  # seconds a value read from the vault is used before it is read again

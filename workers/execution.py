@@ -1,22 +1,17 @@
 """Running one step (one MCP call) and closing a run: the logic behind the two Celery tasks.
 
-A step's failures are dealt with in the seed's order: an immediate retry for a transient network fault;
-exponential backoff with full jitter for the next ones (the task is re-sent with a countdown, so no worker
-slot waits); the circuit breaker refusing calls to an instance that keeps failing; the step's fallback
-service (the call moves to that service's queue, keeping its place in the canvas); the last good answer
-to the same call, if the step allows stale answers; and, for a step marked optional, degradation.
+A step is marked running as its inputs are read, gated on them, then called (one attempt after another) on the
+instance the pipeline places it on; what to do before a call, after each attempt and after a failure, and what
+to write with the result, is the call pipeline's to say (workers/pipeline.py, and the policies in
+workers/policies/, in the one order its `__init__.py` writes).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-
-from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from orchestrator import scripts
 from orchestrator.errors import (
@@ -24,79 +19,21 @@ from orchestrator.errors import (
     OrchestratorError,
     PermissionDenied,
     RunNotFound,
-    ToolError,
-    TransportError,
-    Unavailable,
 )
-from orchestrator.events import digest
 from orchestrator.expressions import render, truthy
-from orchestrator.results import SATISFIED, AttemptError, StepError, StepResult
-from orchestrator.sealing import open_params, open_result, open_run, seal_errors, seal_result, sealer
+from orchestrator.history.events import digest
+from orchestrator.idempotency import call_meta
+from orchestrator.messages import StepCall
+from orchestrator.results import SATISFIED, TERMINAL_STEP, AttemptError, StepError, StepResult
+from orchestrator.security.sealing import open_params, open_result, open_run, seal_errors, sealer
+from workers.pipeline import AGAIN, SETTLED, Attempt, Outcome, Reroute, Retry
 
-# Type hints only: the compiler imports StepCall in every process that enqueues, and the runtime brings the MCP
-# SDK (its session pool), which only a worker needs — and a worker has it already (tasks.calls imports it).
+# Type hints only: the runtime brings the MCP SDK (its session pool), which a worker has already (tasks.calls
+# imports it).
 if TYPE_CHECKING:
-    from workers.balancer import Ask, Lease
     from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
-BACKOFF = wait_random_exponential(multiplier=0.5, max=30)  # full jitter: uniform in [0, min(30, 0.5 * 2^n)]
-
-
-@dataclass(frozen=True)
-class StepCall:
-    """What a task message carries for one step: ids, service, tool, arguments — no connection details."""
-
-    run_id: str
-    step_id: str
-    service: str
-    tool: str
-    arguments: dict[str, Any] | str  # a sensitive step's are sealed (orchestrator/sealing.py)
-    timeout: float
-    retries: int
-    depends_on: list[str] = field(default_factory=list)
-    reads: list[str] = field(default_factory=list)
-    when: str | None = None
-    optional: bool = False
-    use_stale: float | None = None
-    retry_tool_errors: bool = False
-    fallback: dict[str, Any] | None = None  # {service, tool, arguments, timeout, retries}
-    # Set as the call goes on: attempts made, when it began and its time budget ends, what it stands in for.
-    attempt: int = 0
-    started_at: float = 0.0
-    deadline: float = 0.0
-    attempt_errors: list[dict[str, Any]] = field(default_factory=list)
-    fallback_for: dict[str, Any] | None = None  # {service, tool, arguments}: the call this one replaces
-    caller: str | None = None  # the run's caller token (access control on): checked before any MCP traffic
-    sensitive: bool = False  # arguments sealed; the worker seals the output and errors too
-    opens: bool = False  # the run holds sealed data (params, outputs of sensitive steps) that this step may read
-
-    def message(self) -> dict[str, Any]:
-        """The task message's kwargs: fields left at their defaults are left out, since a chain's first
-        message carries every later step's message too."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != _default(f)}
-
-
-def _default(spec: Any) -> Any:
-    return spec.default_factory() if spec.default_factory is not MISSING else spec.default
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Send the call again after `countdown` seconds."""
-
-    call: StepCall
-    countdown: float
-
-
-@dataclass(frozen=True)
-class Reroute:
-    """Hand the call to another service's queue (the step's fallback)."""
-
-    call: StepCall
-
-
-Outcome = StepResult | Retry | Reroute
 
 
 def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
@@ -116,33 +53,35 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
 
 
 def _execute(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
-    store = runtime.store
-    refusal = runtime.guard.refusal(call) if runtime.guard is not None else None
+    pipeline = runtime.pipeline
+    refusal = pipeline.refusal(call)
     if refusal is not None:  # no MCP traffic leaves
         return _failed(runtime, call, worker, refusal, PermissionDenied.__name__)
-    call = _budgeted(call)
+    call = pipeline.starting(call)
     original = call.fallback_for or {"service": call.service, "tool": call.tool}
     result = StepResult(service=original["service"], tool=original["tool"], worker=worker, started_at=call.started_at)
-    # The step is marked running in the same round trip that reads its inputs; a step the gate then stops
-    # overwrites the mark with why.
+    attempt = Attempt({}, result)
+    # The step is marked running in the same round trip that reads its inputs (and that the policies' reads join);
+    # a step the gate then stops overwrites the mark with why.
     mark = (call.step_id, result.model_copy(update={"status": "running"})) if call.attempt == 0 else None
-    # The breaker is asked in that round trip too, when the service has one instance to ask about.
-    pipe = store.redis.pipeline(transaction=False)
-    ask = runtime.balancer.ask_ahead(call.service, pipe)
-    status, params, records, asked = store.inputs(call.run_id, {*call.depends_on, *call.reads}, mark, pipe)
-    if ask is not None:
-        ask.answer(asked[0])
+    pipe = runtime.store.redis.pipeline(transaction=False)
+    read = pipeline.reading(call, pipe, attempt)
+    steps = {*call.depends_on, *call.reads, call.step_id}
+    status, params, records, replies = runtime.store.inputs(call.run_id, steps, mark, pipe)
+    read(replies)
+    previous = records.pop(call.step_id, None)
     try:
-        return _run(runtime, call, result, status, params, records, ask)
+        if previous is not None and previous.status in TERMINAL_STEP:  # delivered again after its call was recorded
+            return previous
+        return _run(runtime, call, attempt, status, params, records)
     finally:
-        if ask is not None:
-            runtime.balancer.give_back(ask)
+        pipeline.done(call, attempt)
 
 
-def _run(runtime: Runtime, call: StepCall, result: StepResult, status: str, params: dict[str, Any],
-         records: dict[str, StepResult], ask: Ask | None) -> Outcome:  # fmt: skip
+def _run(runtime: Runtime, call: StepCall, attempt: Attempt, status: str, params: dict[str, Any],
+         records: dict[str, StepResult]) -> Outcome:  # fmt: skip
     """Gate the step on its inputs, then make its attempts and record the result."""
-    store = runtime.store
+    result = attempt.result
     if call.opens:
         params, records = open_params(params), {sid: open_result(r) for sid, r in records.items()}
     context = {
@@ -152,24 +91,24 @@ def _run(runtime: Runtime, call: StepCall, result: StepResult, status: str, para
     verdict = _gate(call, status, records, context)
     if verdict is not None:
         result.status, result.skip_reason, result.error = verdict
-        store.save_step(call.run_id, call.step_id, result)
+        _record(runtime, call, result, attempt)
         return result
-    lease = None
     try:
-        outcome, lease = _attempt(runtime, call, context, result, ask)
+        outcome = _attempt(runtime, call, context, attempt)
     except Exception as exc:  # boundary: a step records any failure instead of breaking the canvas
         result.status, result.error, result.error_type = "failed", f"{type(exc).__name__}: {exc}", type(exc).__name__
         outcome = _finished(result, call, False)
     if isinstance(outcome, StepResult):
-        if call.sensitive:
-            outcome = seal_result(outcome)
-        # A successful call's breaker record and in-flight release share the result's round trip.
-        pipe = store.redis.pipeline(transaction=False)
-        if lease is not None:
-            runtime.balancer.release(lease, False, pipe)
-        store.save_step(call.run_id, call.step_id, outcome, pipe)
-        scripts.execute(pipe)
+        outcome = runtime.pipeline.finishing(call, outcome)
+        _record(runtime, call, outcome, attempt)
     return outcome
+
+
+def _record(runtime: Runtime, call: StepCall, result: StepResult, attempt: Attempt) -> None:
+    """The step's final result, recorded in one round trip with what the policies write beside it."""
+    pipe = runtime.store.redis.pipeline(transaction=False)
+    runtime.pipeline.recording(call, result, pipe, attempt)
+    scripts.execute(pipe)
 
 
 def _failed(runtime: Runtime, call: StepCall, worker: str | None, error: str, error_type: str) -> StepResult:
@@ -181,18 +120,8 @@ def _failed(runtime: Runtime, call: StepCall, worker: str | None, error: str, er
     result = StepResult(service=call.service, tool=call.tool, worker=worker, status="failed", error=error,
                         error_type=error_type, started_at=started, finished_at=now,
                         duration_ms=round((now - started) * 1000, 3))  # fmt: skip
-    runtime.store.save_step(call.run_id, call.step_id, seal_result(result) if call.sensitive else result)
+    _record(runtime, call, runtime.pipeline.finishing(call, result), Attempt({}, result))
     return result
-
-
-def _budgeted(call: StepCall) -> StepCall:
-    """The call with its start and the end of its time budget set (a fallback call gets a budget of its own)."""
-    if call.started_at == 0.0:
-        now = time.time()
-        return replace(call, started_at=now, deadline=now + call.timeout)
-    if call.deadline == 0.0:
-        return replace(call, deadline=time.time() + call.timeout)
-    return call
 
 
 def _gate(call: StepCall, status: str, records: dict[str, StepResult], context: dict[str, Any]) -> Any:
@@ -211,58 +140,51 @@ def _gate(call: StepCall, status: str, records: dict[str, StepResult], context: 
     return None
 
 
-def _attempt(
-    runtime: Runtime, call: StepCall, context: dict[str, Any], result: StepResult, ask: Ask | None
-) -> tuple[Outcome, Lease | None]:
-    """Make attempts until one succeeds (its lease still held), a backoff is due, or the failure is final."""
-    arguments: dict[str, Any] = {}
+def _attempt(runtime: Runtime, call: StepCall, context: dict[str, Any], attempt: Attempt) -> Outcome:
+    """Make attempts until one succeeds, a backoff is due, or the failure is final."""
+    pipeline, result = runtime.pipeline, attempt.result
     while True:
         result.instance = None
+        began = time.monotonic()
         try:
-            arguments = render(sealer().open(call.arguments) if call.sensitive else call.arguments, context)
-            result.arguments_digest = sealer().digest(arguments) if call.sensitive else digest(arguments)
-            result.output, lease = _call_once(runtime, call, arguments, result, ask)
-        except OrchestratorError as exc:
+            attempt.arguments = render(sealer().open(call.arguments) if call.sensitive else call.arguments, context)
+            result.arguments_digest = (
+                sealer().digest(attempt.arguments) if call.sensitive else digest(attempt.arguments)
+            )
+            if pipeline.answer(call, attempt) is SETTLED:  # answered without a call (the response cache)
+                return _finished(result, call, False)
+            result.instance = pipeline.place(call, attempt)  # a breaker may refuse the attempt: no call is made
+            # The session is opened first, so that no slot a limit gives the call is spent on its start-up.
+            runtime.pool.ready(result.instance, max(0.001, call.deadline - time.time()))
+            pipeline.admit(call, attempt)  # so may a limit
+            result.output = _call(runtime, call, result.instance, attempt.arguments)
+        except Exception as exc:
+            pipeline.attempted(call, attempt, exc, time.monotonic() - began)
+            if not isinstance(exc, OrchestratorError):
+                raise
+            if (retry := pipeline.refused(call, exc)) is not None:  # no call was made: not an attempt
+                return retry
             call = _failed_attempt(call, result.instance or "", exc)
-            next_step = _after_failure(call, exc)
-            if next_step == "again":
+            decision = None if isinstance(exc, Cancelled) else pipeline.failed(call, exc, attempt)
+            if decision is AGAIN:
                 continue
-            if isinstance(next_step, float):
-                return Retry(call, next_step), None
-            return _give_up(runtime, call, arguments, result, exc), None
+            if isinstance(decision, Retry | Reroute):
+                return decision
+            return _settled(call, result, exc, decision is SETTLED)
+        pipeline.attempted(call, attempt, None, time.monotonic() - began)
         result.status = "succeeded"
         if call.fallback_for:
             result.served_by = f"{call.service}.{call.tool}"
-        elif call.use_stale:
-            _remember(runtime, call, arguments, result.output)
-        return _finished(result, call, True), lease
+        pipeline.succeeded(call, attempt)
+        return _finished(result, call, True)
 
 
-def _call_once(
-    runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult, ask: Ask | None
-) -> tuple[Any, Lease]:
-    """One attempt on one instance: after a failure, the next attempt goes to another instance if any.
-    A failed attempt releases its lease here; a successful one hands it back, released with the result."""
-    failed_on = {e["instance"] for e in call.attempt_errors if e["service"] == call.service}
-    lease = runtime.balancer.lease(call.service, call.deadline, elsewhere=failed_on, ask=ask)
-    result.instance = lease.instance
+def _call(runtime: Runtime, call: StepCall, instance: str, arguments: dict[str, Any]) -> Any:
+    """The MCP call itself, on the instance placed, within what is left of the step's budget."""
     budget = max(0.001, call.deadline - time.time())
-    try:
-        call_tool = runtime.pool.call_tool(lease.instance, call.tool, arguments, budget)
-        return runtime.pool.run(call_tool, key=call.run_id), lease
-    except ToolError:
-        runtime.balancer.release(lease, False)  # the server answered: a tool's own error says nothing of its health
-        raise
-    except Cancelled:
-        runtime.balancer.release(lease, None)  # the run was cancelled: says nothing of the server
-        raise
-    except TransportError:
-        runtime.balancer.release(lease, True)
-        runtime.balancer.avoid(call.service, lease.instance)
-        raise
-    except BaseException:
-        runtime.balancer.release(lease, True)
-        raise
+    # The same key on every attempt, retry and redelivery: a server with effects can dedupe on it.
+    meta = call_meta(call.run_id, call.step_id)
+    return runtime.pool.run(runtime.pool.call_tool(instance, call.tool, arguments, budget, meta), key=call.run_id)
 
 
 def _failed_attempt(call: StepCall, instance: str, exc: OrchestratorError) -> StepCall:
@@ -273,52 +195,14 @@ def _failed_attempt(call: StepCall, instance: str, exc: OrchestratorError) -> St
     return replace(call, attempt=call.attempt + 1, attempt_errors=[*call.attempt_errors, error.model_dump()])
 
 
-def _after_failure(call: StepCall, exc: OrchestratorError) -> str | float | None:
-    """ "again" for an immediate retry, a countdown for a backoff, None when the failure is final."""
-    retryable = isinstance(exc, TransportError) or (call.retry_tool_errors and isinstance(exc, ToolError))
-    remaining = call.deadline - time.time()
-    if not retryable or call.attempt > call.retries or remaining <= 0:
-        return None
-    first_network_fault = call.attempt == 1 and isinstance(exc, TransportError) and "timeout" not in str(exc).lower()
-    if first_network_fault:
-        return "again"
-    state = RetryCallState(Retrying(), None, (), {})
-    state.attempt_number = call.attempt
-    countdown = BACKOFF(state)
-    return countdown if countdown < remaining else None
-
-
-def _give_up(runtime: Runtime, call: StepCall, arguments: dict[str, Any], result: StepResult,
-             exc: OrchestratorError) -> Outcome:  # fmt: skip
-    """The call failed for good: fallback service, stale answer, degradation, or failure."""
+def _settled(call: StepCall, result: StepResult, exc: OrchestratorError, by_policy: bool) -> StepResult:
+    """The call failed for good: cancelled, or failed unless a policy settled it (stale, degraded)."""
     result.error, result.error_type = str(exc), type(exc).__name__
     if isinstance(exc, Cancelled):
         result.status = "cancelled"
-    elif call.fallback and not call.fallback_for:
-        return Reroute(_fallback_call(call))
-    elif call.use_stale and isinstance(exc, TransportError | Unavailable):
-        original = call.fallback_for or {"service": call.service, "tool": call.tool, "arguments": arguments}
-        stale = _recall(runtime, original, call.use_stale, call.sensitive)
-        if stale is not None:
-            result.status, result.output, result.stale_age_s = "stale-cache", stale[0], round(stale[1], 3)
-    if result.status == "pending":
-        result.status = "degraded" if call.optional else "failed"
+    elif not by_policy:
+        result.status = "failed"
     return _finished(result, call, False)
-
-
-def _fallback_call(call: StepCall) -> StepCall:
-    fallback = call.fallback or {}
-    return replace(
-        call,
-        service=fallback["service"],
-        tool=fallback["tool"],
-        arguments=fallback["arguments"],
-        timeout=fallback["timeout"],
-        retries=fallback["retries"],
-        attempt=0,
-        deadline=0.0,
-        fallback_for={"service": call.service, "tool": call.tool, "arguments": call.arguments},
-    )
 
 
 def _finished(result: StepResult, call: StepCall, succeeded: bool) -> StepResult:
@@ -328,31 +212,6 @@ def _finished(result: StepResult, call: StepCall, succeeded: bool) -> StepResult
     result.started_at = call.started_at or result.finished_at
     result.duration_ms = round((result.finished_at - result.started_at) * 1000, 3)
     return result
-
-
-def _cache_key(runtime: Runtime, service: str, tool: str, arguments: Any, sensitive: bool = False) -> str:
-    if sensitive:  # a keyed digest: a plain hash of sensitive arguments could be searched for guessed values
-        digest = sealer().digest(sealer().open(arguments))
-    else:
-        digest = hashlib.sha256(json.dumps(arguments, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{runtime.store.namespace}:cache:{service}:{tool}:{digest}"
-
-
-def _remember(runtime: Runtime, call: StepCall, arguments: dict[str, Any], output: Any) -> None:
-    key = _cache_key(runtime, call.service, call.tool, arguments, call.sensitive)
-    value = json.dumps({"output": sealer().seal(output) if call.sensitive else output, "at": time.time()})
-    runtime.store.redis.set(key, value, ex=int(call.use_stale or 0) or None)
-
-
-def _recall(runtime: Runtime, original: dict[str, Any], max_age: float | None,
-            sensitive: bool = False) -> tuple[Any, float] | None:  # fmt: skip
-    key = _cache_key(runtime, original["service"], original["tool"], original["arguments"], sensitive)
-    raw = runtime.store.redis.get(key)
-    if raw is None:
-        return None
-    entry = json.loads(raw)
-    age = time.time() - float(entry["at"])
-    return (entry["output"], age) if max_age is None or age <= max_age else None
 
 
 def finish_run(runtime: Runtime, run_id: str, after_fallback: str | None = None) -> str | tuple[str, dict[str, Any]]:

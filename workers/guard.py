@@ -10,19 +10,15 @@ use); the revoked set is read from Redis at most once a second.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from orchestrator.access import Policy, enabled
 from orchestrator.config import Config
 from orchestrator.errors import InvalidToken
-from orchestrator.identity import LEEWAY, CallerClaims, Revocations, SigningKey, verify_caller
-from orchestrator.security import security_event
-
-if TYPE_CHECKING:  # workers.execution imports the runtime, which holds this guard
-    from workers.execution import StepCall
-
+from orchestrator.messages import StepCall
+from orchestrator.security.access import Policy, enabled
+from orchestrator.security.events import security_event
+from orchestrator.security.identity import LEEWAY, CallerClaims, Revocations, SigningKey, verify_caller
 
 VERIFIED_KEPT = 1024  # tokens whose signature this worker checked: one per run it served lately
 
@@ -58,6 +54,11 @@ class CallGuard:
                                                      "service": call.service, "tool": call.tool, "reason": reason,
                                                      "where": "worker"})  # fmt: skip
         return reason
+
+    def subject(self, call: StepCall) -> str | None:
+        """Who the call is made for: the subject of its caller token, once `refusal` let it through."""
+        claims = self._verified.get(call.caller) if call.caller else None
+        return claims.subject if claims is not None else None
 
     def _claims(self, call: StepCall) -> CallerClaims:
         if not call.caller:

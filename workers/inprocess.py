@@ -7,7 +7,8 @@ import socket
 import threading
 from typing import Any
 
-from celery.worker import WorkController
+from celery.platforms import EX_OK
+from celery.worker import WorkController, state
 
 from workers.app import app
 
@@ -32,6 +33,7 @@ class InProcessWorker:
 
     def start(self, timeout: float = 30) -> None:
         app.finalize()
+        state.should_stop = None  # a worker stopped before in this process set it
         self._controller = _Controller(
             app=app,
             pool="threads",
@@ -50,6 +52,8 @@ class InProcessWorker:
 
     def stop(self) -> None:
         if self._controller is not None:
+            # Also ends a consumer that is reconnecting to a broker gone away: its retry loop asks this flag.
+            state.should_stop = EX_OK
             self._controller.stop(in_sighandler=False)
         if self._thread is not None:
             self._thread.join(15)

@@ -35,8 +35,9 @@ from redis.lock import Lock
 
 from orchestrator.config import HttpServer, OAuthSettings
 from orchestrator.errors import SecretUndecryptable
-from orchestrator.secretref import SecretRef
-from orchestrator.vault import Vault
+from orchestrator.security.secretref import SecretRef
+from orchestrator.security.vault import Vault
+from orchestrator.text import as_text
 from workers.credentials import Credentials, Refusals
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class VaultTokenStorage:
         if raw is None:
             return None
         try:
-            return self.vault.unseal(f"the OAuth {field} of MCP server '{self.server}'", _text(raw))
+            return self.vault.unseal(f"the OAuth {field} of MCP server '{self.server}'", as_text(raw))
         except SecretUndecryptable:
             return None  # sealed under a key rotated out since: a token is cheap to fetch again
 
@@ -340,7 +341,3 @@ def _fingerprint(url: str, settings: OAuthSettings) -> str:
     """Which client a stored token was issued to, so a changed configuration does not reuse it."""
     parts = [url, settings.grant, settings.client_id, settings.issuer, " ".join(settings.scopes)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
-import celeryconfig
-from orchestrator import redaction
-from orchestrator.access import alert_settings
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.flusher import WORKER_BACKSTOP, start_flusher
 from orchestrator.health import Health
-from orchestrator.registry import Registry
+from orchestrator.history.flusher import WORKER_BACKSTOP, start_flusher
+from orchestrator.registry import Registry, definition
 from orchestrator.runs import RunStore
-from orchestrator.security import Listener, unwatch, watch
-from orchestrator.vault import Vault
-from workers.app import app
+from orchestrator.security import redaction
+from orchestrator.security.access import alert_settings
+from orchestrator.security.alerts import unwatch, watch
+from orchestrator.security.events import Listener
+from orchestrator.security.vault import Vault
+from orchestrator.settings import settings
+from workers.app import redis_url
 from workers.balancer import Balancer
 from workers.credentials import Credentials
 from workers.guard import CallGuard
+from workers.outage import outage_retry
+from workers.pipeline import Pipeline
+from workers.policies import in_order
 from workers.sessions import SessionPool, describe
 from workers.tls import connect_redis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,16 +45,18 @@ class Runtime:
     _listener: Any = None
     _flusher: Any = None
     guard: CallGuard | None = None  # access control on: checks each step's caller token before its MCP call
+    pipeline: Pipeline = field(default_factory=lambda: Pipeline([]))  # every per-call policy, in order
     _watching: list[Listener] = field(default_factory=list)
+    _closed: bool = False
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
-        settings = celeryconfig.settings
-        store = RunStore(connect_redis(redis_url), settings.namespace, settings.run_ttl)
+        store = RunStore(connect_redis(redis_url, retry=outage_retry()), settings.namespace, settings.run_ttl)
         balancer = Balancer(config, store.redis, store.namespace)
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
         runtime.guard = CallGuard.of(config, store.redis, settings.namespace)
+        runtime.pipeline = Pipeline(in_order(store, balancer, runtime.guard, config, credentials))
         redaction.install()  # an in-process worker logs through its host's handlers
         runtime._listen()
         runtime._flusher = start_flusher(store, WORKER_BACKSTOP)
@@ -81,7 +90,7 @@ class Runtime:
         except Exception as exc:  # boundary: any failure to answer is the beat's verdict, not an error
             return Health(status="down", at=time.time(), error=describe(exc)), None
         latency = round((time.monotonic() - began) * 1000, 3)
-        tools = [{"name": t.name, "description": t.description, "input_schema": t.input_schema} for t in listing.tools]
+        tools = [definition(tool) for tool in listing.tools]
         now = time.time()
         return Health(status="up", at=now, latency_ms=latency, last_seen=now, tools=len(tools)), tools
 
@@ -96,8 +105,14 @@ class Runtime:
         self._listener = pubsub.run_in_thread(sleep_time=0.2, daemon=True)
 
     def close(self) -> None:
+        if self._closed:  # the worker's shutdown signal and its host may both close it
+            return
+        self._closed = True
         if self._listener is not None:
             self._listener.stop()
+            # Joined before the pool below is closed: the listener's connection is the pool's, and closing it
+            # under a get_message in progress fails that thread.
+            self._listener.join(timeout=2)
         if self._flusher is not None:
             self._flusher.stop()
         unwatch(self._watching)
@@ -121,6 +136,17 @@ def _close_on_shutdown(**_: Any) -> None:
         _current.close()
 
 
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_on_ready(**_: Any) -> None:
+    # Built now, not at the first task: a worker alone (no enqueuing process alive) must still write the events
+    # waiting in Redis, and report refused messages on the audit chain, before any task reaches it.
+    if _current is None and settings.config is not None:
+        try:
+            current()
+        except Exception:  # boundary: the first task will say what is wrong, as before
+            log.exception("worker: the runtime could not start at worker_ready; retried at the first task")
+
+
 def install(runtime: Runtime | None) -> None:
     """Make runtime the one this process's tasks use (the embedded default does this)."""
     global _current
@@ -133,8 +159,8 @@ def current() -> Runtime:
     global _current
     with _lock:
         if _current is None:
-            path = celeryconfig.settings.config
+            path = settings.config
             if path is None:
                 raise ConfigError("this worker has no configuration: start it with --config FILE or set MCPO_CONFIG")
-            _current = Runtime.create(load_config(path), str(app.conf.result_backend))
+            _current = Runtime.create(load_config(path), redis_url())
         return _current

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -43,6 +44,12 @@ from workers.tls import server_verify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A JSON-RPC error code of our own (in the range left to implementations): one HTTP request failed in transport,
+# while its MCP session goes on.
+REQUEST_LOST = -32090
+# Seconds an idle pooled HTTP connection is reused: below the 5 s after which uvicorn and Node.js servers close
+# one, so a request is not sent on a connection the server is closing.
+KEEPALIVE = 2.0
 
 
 def describe(exc: BaseException) -> str:
@@ -53,6 +60,28 @@ def describe(exc: BaseException) -> str:
         return "; ".join(describe(inner) for inner in exc.exceptions)
     text = str(exc) or type(exc).__name__
     return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+
+
+def timed_out(server: str, timeout: float) -> StepTimeout:
+    return StepTimeout(f"no answer from '{server}' within {timeout:g} s; the call was cancelled")
+
+
+class ContainedClient(httpx2.AsyncClient):
+    """An HTTP client whose failed POST fails that one MCP message only.
+
+    The SDK sends each POST in a task of its session's task group, so a transport error on one (a reset
+    connection, a refused connect, a server closing a kept-alive connection) would end the session and fail
+    every call in flight on it. Here that error becomes a JSON-RPC error answer to the message being sent.
+    """
+
+    async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+        try:
+            return await super().send(request, **kwargs)
+        except httpx2.TransportError as exc:
+            if request.method != "POST":
+                raise
+            error = {"code": REQUEST_LOST, "message": f"connection lost: {describe(exc)}"}
+            return httpx2.Response(502, json={"jsonrpc": "2.0", "id": None, "error": error}, request=request)
 
 
 class Connection:
@@ -75,6 +104,7 @@ class Connection:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._generation = 0
+        self._id = uuid.uuid4().hex[:16]  # with the generation, names a session across the fleet (`session`)
         self._versions: dict[str, int] = {}  # the secret versions the open stdio server was started with
         self._in_use: dict[int, int] = {}  # calls in flight, by generation
         self._draining: dict[int, tuple[asyncio.Event, asyncio.Task[None] | None]] = {}
@@ -165,10 +195,11 @@ class Connection:
                 self.auth = FleetOAuth(self.name, self.spec, self._credentials)
             else:
                 self.auth = SecretAuth(self.name, secret_headers, self._credentials) if secret_headers else None
-            http = httpx2.AsyncClient(
+            http = ContainedClient(
                 headers=self.spec.plain_headers,
                 auth=self.auth,
                 timeout=httpx2.Timeout(30.0, read=300.0),
+                limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE),
                 verify=server_verify(self.spec.verify),
             )
             return streamable_http_client(self.spec.url, http_client=http)
@@ -187,6 +218,18 @@ class Connection:
         if generation == self._generation:
             self._stop.set()
             self._client = None
+
+    def lost(self, generation: int, message: str) -> TransportError:
+        """The error for a call whose connection broke. A stdio server's session ends with it, and its name
+        rides on the error: every call in flight when a server process dies fails with the same name, and the
+        breaker counts them once. An HTTP session outlives one failed request (when the session itself ended,
+        its owner task has ended too, and the next call opens a new one); each failed request is a verdict of
+        its own."""
+        error = TransportError(message)
+        if isinstance(self.spec, StdioServer):
+            self.reset(generation)
+            error.session = f"{self._id}-{generation}"
+        return error
 
     async def close(self) -> None:
         self._stop.set()
@@ -277,14 +320,32 @@ class SessionPool:
             current = self._connections[server] = Connection(server, spec, errlog, self._credentials)
         return current
 
-    async def call_tool(self, server: str, tool: str, arguments: dict[str, Any], timeout: float) -> Any:
-        """Call one tool; the output is its structured content when it has one, else its text."""
-        result = await self._request(server, timeout, lambda client: client.call_tool(tool, arguments, timeout))
+    async def call_tool(
+        self, server: str, tool: str, arguments: dict[str, Any], timeout: float, meta: dict[str, Any] | None = None
+    ) -> Any:
+        """Call one tool, with `meta` as the request's `_meta`; the output is its structured content when it has
+        one, else its text."""
+        result = await self._request(
+            server, timeout, lambda client: client.call_tool(tool, arguments, timeout, meta=meta)
+        )
         assert isinstance(result, CallToolResult)
         text = "\n".join(block.text for block in result.content if isinstance(block, TextContent))
         if result.is_error:
             raise ToolError(text or f"tool '{tool}' failed", tool=tool)
         return result.structured_content if result.structured_content is not None else text
+
+    def ready(self, server: str, timeout: float) -> None:
+        """Open the session to server now, if none is open (from any thread other than the loop's): a call that
+        must go at a given time (a rate limit's slot) is not held back by a session's start-up after it."""
+        connection = self._connections.get(server)
+        if connection is None or not connection.alive:
+            self.run(self._open_session(server, timeout))
+
+    async def _open_session(self, server: str, timeout: float) -> None:
+        try:  # shielded: a call out of time leaves the session opening for the calls after it
+            await asyncio.wait_for(asyncio.shield(self._connection(server).client()), timeout)
+        except TimeoutError as exc:
+            raise timed_out(server, timeout) from exc
 
     async def list_tools(self, server: str, timeout: float = 30.0) -> ListToolsResult:
         """The server's tools, asked of the server itself (the client cache is off)."""
@@ -305,11 +366,12 @@ class SessionPool:
                 async with asyncio.timeout(timeout):  # not wait_for, which wraps each call in a task of its own
                     return await send(client)
             except TimeoutError as exc:
-                raise StepTimeout(f"no answer from '{server}' within {timeout:g} s; the call was cancelled") from exc
+                raise timed_out(server, timeout) from exc
             except MCPError as exc:
-                if exc.code in (CONNECTION_CLOSED, REQUEST_TIMEOUT):
-                    connection.reset(generation)
-                    raise TransportError(f"MCP server '{server}': {exc.message}") from exc
+                if exc.code == REQUEST_TIMEOUT:  # the SDK's own clock on the same timeout ran out first
+                    raise timed_out(server, timeout) from exc
+                if exc.code in (CONNECTION_CLOSED, REQUEST_LOST):
+                    raise connection.lost(generation, f"MCP server '{server}': {exc.message}") from exc
                 if refusal := connection.refusal(started):
                     raise CredentialRejected(f"MCP server '{server}': {refusal}") from exc
                 raise ToolCallError(
@@ -322,8 +384,7 @@ class SessionPool:
                 anyio.EndOfStream,
                 httpx2.HTTPError,
             ) as exc:
-                connection.reset(generation)
-                raise TransportError(f"MCP server '{server}': connection lost: {describe(exc)}") from exc
+                raise connection.lost(generation, f"MCP server '{server}': connection lost: {describe(exc)}") from exc
 
     def close(self) -> None:
         """Close every session (stopping stdio servers) and the loop."""

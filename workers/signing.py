@@ -18,14 +18,11 @@ import datetime
 import glob
 import os
 from pathlib import Path
-from typing import Any
 
 from celery.exceptions import SecurityError
 from celery.security.certificate import Certificate, CertStore
 from celery.security.serialization import SecureSerializer
 from celery.security.utils import reraise_errors
-from celery.signals import task_rejected
-from celery.worker.consumer import Consumer
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,8 +31,8 @@ from cryptography.x509.oid import NameOID
 from kombu.serialization import disable_insecure_serializers, registry
 
 from orchestrator.config import Config
-from orchestrator.security import security_event
 from workers.app import app
+from workers.quarantine import QuarantineConsumer
 
 SigningPrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 SigningPublicKey = ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -153,22 +150,6 @@ class MessageCertStore(CertStore):  # type: ignore[misc]
             raise SecurityError(f"no trusted certificate in {path}")
 
 
-class SigningConsumer(Consumer):  # type: ignore[misc]
-    """The worker's consumer, reporting messages whose signature does not verify."""
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        security_event("message-refused", "anonymous", {"reason": f"{type(exc).__name__}: {exc}",
-                                                        "queue": _queue(message)})  # fmt: skip
-        super().on_decode_error(message, exc)
-
-
-@task_rejected.connect  # type: ignore[untyped-decorator]
-def _unsigned(message: Any = None, exc: Exception | None = None, **_: Any) -> None:
-    # An unsigned message (plain JSON) is refused as content the worker does not accept.
-    if app.conf.task_serializer == "auth":
-        security_event("message-refused", "anonymous", {"reason": f"{type(exc).__name__}: {exc}",
-                                                        "queue": _queue(message)})  # fmt: skip
-
-
-def _queue(message: Any) -> str:
-    return str((getattr(message, "delivery_info", None) or {}).get("routing_key", ""))
+class SigningConsumer(QuarantineConsumer):
+    """The worker's consumer when signing is on: a message whose signature does not verify, or that is not signed,
+    is quarantined (workers/quarantine.py) and reported as a security event like any other refused message."""

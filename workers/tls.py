@@ -4,10 +4,8 @@ Certificates are always checked. A `rediss://` URL connects with the CA bundle `
 CAs when unset) and, if the server asks for one, the client certificate `MCPO_REDIS_CERT` / `MCPO_REDIS_KEY`;
 the same options go to Celery's broker and result backend, whose own default for `rediss://` without options
 would be no certificate check at all. An HTTP MCP server is checked against the system CAs, or the CA bundle
-its `verify:` names; `verify: false` is refused unless MCPO_ALLOW_INSECURE_TLS is set.
-
-This module sits in `workers` beside the kombu transport because celeryconfig imports it to build Celery's
-settings, and anything under `orchestrator` would import celeryconfig back.
+its `verify:` names; `verify: false` is refused when the configuration is loaded (orchestrator/config.py) unless
+MCPO_ALLOW_INSECURE_TLS is set. The options for `rediss://` come from the settings (orchestrator/settings.py).
 """
 
 from __future__ import annotations
@@ -15,46 +13,44 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis import Redis
 
-SECURE_SCHEME = "rediss://"
-
-
-def redis_ssl(url: str, ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> dict[str, Any]:
-    """redis-py's SSL keyword arguments for url (also the shape of Celery's `broker_use_ssl` and
-    `redis_backend_use_ssl`); empty for a plain `redis://` URL, where they would switch TLS on."""
-    if not url.startswith(SECURE_SCHEME):
-        return {}
-    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-    if ca is not None:
-        options["ssl_ca_certs"] = str(ca)
-    if cert is not None:
-        options["ssl_certfile"] = str(cert)
-        options["ssl_keyfile"] = str(key if key is not None else cert)
-    return options
+from orchestrator.settings import redis_ssl, settings
+from workers.sentinel import SentinelURL, is_sentinel
 
 
 def connect_redis(url: str, **options: Any) -> Redis:
-    """A Redis client for url, with the process's TLS settings when it is `rediss://`."""
-    # Read at call time: celeryconfig imports this module to build Celery's settings.
-    import celeryconfig
-
-    settings = celeryconfig.settings
+    """A Redis client for url, with the process's TLS settings when it is `rediss://`; for a Sentinel URL, a client
+    of the group's master that follows its failovers."""
+    if settings.redis_timeout:
+        options = {"socket_timeout": settings.redis_timeout, "socket_connect_timeout": settings.redis_timeout,
+                   **options}  # fmt: skip
+    if is_sentinel(url):
+        return SentinelURL.parse(url).client(**options)
     return Redis.from_url(url, **redis_ssl(url, settings.redis_ca, settings.redis_cert, settings.redis_key), **options)
 
 
-class InsecureTLSRefused(ValueError):
-    """`verify: false` on a server while MCPO_ALLOW_INSECURE_TLS is not set."""
+def redis_address(url: str) -> str:
+    """HOST:PORT of a Redis URL, or a Sentinel URL without its password, for messages."""
+    if is_sentinel(url):
+        return str(SentinelURL.parse(url))
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
-def check_verify(verify: bool | str, allow_insecure: bool) -> None:
-    """Refuse switching certificate checks off unless the operator allowed it for this process."""
-    if verify is False and not allow_insecure:
-        raise InsecureTLSRefused(
-            "'verify: false' turns certificate checks off; give the server's CA bundle instead "
-            "('verify: path/to/ca.pem'), or set MCPO_ALLOW_INSECURE_TLS=1 to allow it"
-        )
+def tls_refused(exc: BaseException) -> bool:
+    """Whether a connection error came from the TLS handshake (a certificate not trusted, a protocol refused): a
+    configuration fault to report as it is, not an outage to work around."""
+    import ssl
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def server_verify(verify: bool | str) -> ssl.SSLContext | bool:

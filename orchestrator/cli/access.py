@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator.cli.common import _errors, _fail, _redis_url, _require, _settings, _when, config_option, main
+from orchestrator.cli.common import (
+    _errors,
+    _fail,
+    _key_created,
+    _listing,
+    _redis,
+    _require,
+    _settings,
+    _when,
+    config_option,
+    json_list_option,
+    main,
+)
 
-
-def _redis() -> Any:
-    """A client of REDIS_URL or the embedded Redis."""
-    from workers.tls import connect_redis
-
-    return connect_redis(_redis_url())
+if TYPE_CHECKING:
+    from orchestrator.config import Config
 
 
 @main.group()
@@ -32,42 +39,40 @@ def tokens() -> None:
 @config_option
 def tokens_issue(subject: str, role: str, ttl: str, config_path: str | None) -> None:
     """Issue a token and print it, once: only its hash is kept."""
-    from orchestrator.access import AccessSettings
-    from orchestrator.identity import TokenBook, parse_duration
+    from orchestrator.security.access import AccessSettings
+    from orchestrator.security.identity import TokenBook, parse_duration
 
     with _errors():
         redis = _redis()
-        config, _ = _require(config_path, redis, "admin", "tokens")
+        config, who = _require(config_path, redis, "admin", "tokens")
         roles = (config.access or AccessSettings()).all_roles
         if role not in roles:
             _fail(f"unknown role '{role}' (roles: {', '.join(roles)})")
         book = TokenBook(redis, _settings().namespace)
-        if book.signing.ensure():
-            click.echo(f"created a token signing key in {book.signing.path} (mode 0600): every API host and worker "
-                       "needs it (or MCPO_TOKEN_KEY); keep it out of Redis", err=True)  # fmt: skip
-        token, info = book.issue(subject, role, parse_duration(ttl))
+        _key_created(book.signing.ensure(), "a token signing key", book.signing.path, "every API host and worker",
+                     "MCPO_TOKEN_KEY")  # fmt: skip
+        token, info = book.issue(subject, role, parse_duration(ttl), who)
     click.echo(f"token {info.id} for {subject} ({role}), expires {_when(info.expires_at)}; shown only now:", err=True)
     click.echo(token)
 
 
 @tokens.command("list")
-@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+@json_list_option
 @config_option
 def tokens_list(as_json: bool, config_path: str | None) -> None:
     """Every issued token's id, subject, role and expiry; never the token."""
-    from orchestrator.identity import TokenBook
+    from orchestrator.security.identity import TokenBook
 
     with _errors():
         redis = _redis()
         _require(config_path, redis, "admin", "tokens")
         infos = TokenBook(redis, _settings().namespace).list()
-    if as_json:
-        click.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
-        return
-    click.echo(f"{'ID':32} {'SUBJECT':24} {'ROLE':12} {'EXPIRES':19}")
-    for info in infos:
+
+    def line(info: Any) -> str:
         expired = " (expired)" if info.expires_at < time.time() else ""
-        click.echo(f"{info.id:32} {info.subject:24} {info.role:12} {_when(info.expires_at)}{expired}")
+        return f"{info.id:32} {info.subject:24} {info.role:12} {_when(info.expires_at)}{expired}"
+
+    _listing(infos, as_json, f"{'ID':32} {'SUBJECT':24} {'ROLE':12} {'EXPIRES':19}", line)
 
 
 @tokens.command("revoke")
@@ -75,12 +80,12 @@ def tokens_list(as_json: bool, config_path: str | None) -> None:
 @config_option
 def tokens_revoke(token_id: str, config_path: str | None) -> None:
     """Revoke token TOKEN_ID: the API refuses it at once, workers within a second (runs it started fail)."""
-    from orchestrator.identity import TokenBook
+    from orchestrator.security.identity import TokenBook
 
     with _errors():
         redis = _redis()
-        _require(config_path, redis, "admin", "tokens")
-        if not TokenBook(redis, _settings().namespace).revoke(token_id):
+        _, who = _require(config_path, redis, "admin", "tokens")
+        if not TokenBook(redis, _settings().namespace).revoke(token_id, who):
             _fail(f"no token {token_id} (see `mcp-orchestrator tokens list`)")
     click.echo(f"token {token_id} revoked")
 
@@ -95,9 +100,10 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
     (keys mode 0600, under MCPO_HOME), an `access:` section in the configuration, and an admin token, printed
     once."""
     from orchestrator.config import load_config, read_document
-    from orchestrator.identity import TokenBook, parse_duration
-    from orchestrator.security import watch
-    from orchestrator.vault import KeyRing
+    from orchestrator.security.access import enabled
+    from orchestrator.security.alerts import watch
+    from orchestrator.security.identity import TokenBook, parse_duration
+    from orchestrator.security.vault import KeyRing
 
     if not secure:
         _fail("nothing to do: `mcp-orchestrator init --secure --config FILE` sets up access control")
@@ -107,28 +113,48 @@ def init(secure: bool, config_path: str | None, subject: str, ttl: str) -> None:
     with _errors():
         seconds = parse_duration(ttl)
         redis = _redis()
+        data = read_document(path) if path.exists() else None
+        who = None
+        if isinstance(data, dict) and "access" in data and enabled(load_config(path).access):
+            # Access control is on already: another admin token is the admin's to issue.
+            _, who = _require(str(path), redis, "admin", "tokens")
         watch(redis, _settings().namespace)  # the admin token's issue goes on the audit chain
         book = TokenBook(redis, _settings().namespace)
         for created, what in ((book.signing.ensure(), f"token signing key {book.signing.path}"),
                               (KeyRing.from_environment().ensure(), "vault key ring")):  # fmt: skip
             click.echo(f"{'created' if created else 'kept the existing'} {what}", err=True)
         signing_key, certificate = _message_signing_identity()
-        data = read_document(path) if path.exists() else None
         if isinstance(data, dict) and "access" in data:
             click.echo(f"kept the `access:` section of {path}", err=True)
         else:
             with path.open("a") as handle:
-                handle.write("\n# Access control: roles viewer, operator, admin; see README, Access control\n"
-                             "access:\n  enabled: true\n")  # fmt: skip
-            click.echo(f"added an `access:` section to {path}", err=True)
-        config = load_config(path)
-        if config.access is None or config.access.signing is None:
-            click.echo(f"message signing is off: to switch it on, add `signing: {{key: {signing_key}, certificate: "
-                       f"{certificate}, store: {certificate.parent}}}` under `access:` (every process of the fleet "
-                       "needs it, and a namespace of its own; see README, Access control)", err=True)  # fmt: skip
-        token, info = book.issue(subject, "admin", seconds)
+                handle.write(_access_section(signing_key, certificate))
+            click.echo(f"added an `access:` section with message signing to {path}", err=True)
+        _say_signing(load_config(path), path, signing_key, certificate)
+        token, info = book.issue(subject, "admin", seconds, who)
     click.echo(f"admin token {info.id} for {subject}, expires {_when(info.expires_at)}; shown only now:", err=True)
     click.echo(token)
+
+
+def _access_section(key: Path, certificate: Path) -> str:
+    """The `access:` section `init` adds: access control and message signing on (JSON strings are YAML)."""
+    signing = {"key": str(key), "certificate": str(certificate), "store": str(certificate.parent)}
+    return ("\n# Access control: roles viewer, operator, admin; see README, Access control\n"
+            "access:\n  enabled: true\n"
+            "  # Message signing: every process of the fleet needs these files, and a namespace of its own.\n"
+            "  # Remove `signing:` to switch it off (then a caller token read from Redis can be replayed).\n"
+            f"  signing: {json.dumps(signing)}\n")  # fmt: skip
+
+
+def _say_signing(config: Config, path: Path, key: Path, certificate: Path) -> None:
+    if config.access is not None and config.access.signing is not None:
+        click.echo(f"message signing is on (`signing:` under `access:` in {path}): every worker, beat and enqueuing "
+                   "process needs the same settings and a namespace of its own; to switch it off, remove "
+                   "`signing:` there", err=True)  # fmt: skip
+        return
+    click.echo(f"message signing is off: to switch it on, add `signing: {{key: {key}, certificate: {certificate}, "
+               f"store: {certificate.parent}}}` under `access:` (every process of the fleet needs it, and a "
+               "namespace of its own; see README, Access control)", err=True)  # fmt: skip
 
 
 def _message_signing_identity() -> tuple[Path, Path]:

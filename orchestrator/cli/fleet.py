@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def discover(config_path: str | None, names: tuple[str, ...], as_json: bool) -> None:
     """Ask every service (on its own workers) for its tools; enqueue then checks steps against them."""
     with _errors(), _orchestrator(_config(config_path)) as orchestrator:
-        found = orchestrator.discover(list(names) or None)
+        found = orchestrator.fleet.discover(list(names) or None)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -37,7 +37,7 @@ def discover(config_path: str | None, names: tuple[str, ...], as_json: bool) -> 
 def services(config_path: str | None, as_json: bool) -> None:
     """Every instance of every service: health, latency, tools, calls in flight, breaker state."""
     with _errors(), _orchestrator(_config(config_path)) as orchestrator:
-        states = orchestrator.services()
+        states = orchestrator.fleet.services()
     if as_json:
         click.echo(json.dumps([state.model_dump() for state in states], indent=2))
         return
@@ -68,7 +68,7 @@ def register(service: str, instance: str, url: str, headers: tuple[str, ...], co
     """Add INSTANCE to SERVICE at run time (Streamable HTTP); every worker of the service uses it at once."""
     pairs = dict(header.partition("=")[::2] for header in headers)
     with _errors(), _orchestrator(_config(config_path)) as orchestrator:
-        orchestrator.register(service, instance, url, pairs)
+        orchestrator.fleet.register(service, instance, url, pairs)
     click.echo(f"registered {service}/{instance} at {url}")
 
 
@@ -79,8 +79,25 @@ def register(service: str, instance: str, url: str, headers: tuple[str, ...], co
 def deregister(service: str, instance: str, config_path: str | None) -> None:
     """Remove INSTANCE, registered at run time, from SERVICE; it takes no further calls."""
     with _errors(), _orchestrator(_config(config_path)) as orchestrator:
-        orchestrator.deregister(service, instance)
+        orchestrator.fleet.deregister(service, instance)
     click.echo(f"deregistered {service}/{instance}")
+
+
+@main.group()
+def cache() -> None:
+    """The response cache: answers of read-only tools kept fleet-wide (a service's `cache:`)."""
+
+
+@cache.command("clear")
+@click.argument("service", required=False)
+@click.argument("tool", required=False)
+@config_option
+def cache_clear(service: str | None, tool: str | None, config_path: str | None) -> None:
+    """Drop the kept answers of every service, of SERVICE, or of its TOOL (admin on the service)."""
+    with _errors(), _orchestrator(_config(config_path)) as orchestrator:
+        dropped = orchestrator.fleet.clear_cache(service, tool)
+    scope = f"{service}.{tool}" if tool else service or "every service"
+    click.echo(f"dropped {dropped} cached answer(s) of {scope}")
 
 
 @main.command()
@@ -116,8 +133,8 @@ def worker(services: tuple[str, ...], config_path: str | None, concurrency: int 
 
 
 def _serve(config: Config, services: list[str], concurrency: int, loglevel: str) -> None:
-    from orchestrator.access import alert_settings
-    from orchestrator.security import watch
+    from orchestrator.security.access import alert_settings
+    from orchestrator.security.alerts import watch
     from workers.app import app, control_queue, queue_for, use_broker
     from workers.signing import use_signing
     from workers.tls import connect_redis

@@ -5,19 +5,38 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator.cli.common import EXIT_FAILED, _errors, _fail, _orchestrator, _settings, _when, main
+from orchestrator.cli.common import (
+    EXIT_FAILED,
+    _authorize,
+    _caller,
+    _config_or_empty,
+    _errors,
+    _fail,
+    _orchestrator,
+    _settings,
+    _when,
+    config_option,
+    main,
+    run_shown,
+)
 
 if TYPE_CHECKING:
-    from orchestrator.records import RecordStore
+    from sqlalchemy.orm import Session
+
+    from orchestrator.history.records import RecordStore
+    from orchestrator.security.access import AccessControl
+    from orchestrator.security.identity import Identity
 
 
 def _records() -> RecordStore:
-    from orchestrator.records import RecordStore
+    from orchestrator.history.records import RecordStore
 
     return RecordStore(_settings().records_url)
 
@@ -41,10 +60,17 @@ def _since(text: str | None) -> float | None:
 @click.option("--since", help="only runs created since: 90s, 30m, 2h, 7d, or a date like 2026-01-31")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the runs as JSON")
-def runs(workflow: str | None, status: str | None, since: str | None, limit: int, as_json: bool) -> None:
-    """Recent runs from the records, newest first."""
+@config_option
+def runs(workflow: str | None, status: str | None, since: str | None, limit: int, as_json: bool,
+         config_path: str | None) -> None:  # fmt: skip
+    """Recent runs from the records, newest first: those of workflows the caller may read."""
     with _errors():
-        found = _records().runs(workflow, status, _since(since), limit)
+        start = _since(since)
+        access, caller = _caller(config_path)
+        if access is None or caller is None:
+            found = _records().runs(workflow, status, start, limit)
+        else:
+            found = _readable_runs(access, caller, workflow, status, start, limit)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -55,15 +81,28 @@ def runs(workflow: str | None, status: str | None, since: str | None, limit: int
         )
 
 
-@main.command()
-@click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True, help="print the RunResult as JSON")
-@click.option("--reveal", is_flag=True, help="show sensitive values (sealed ones) instead of [sealed]")
-def show(run_id: str, as_json: bool, reveal: bool) -> None:
-    """A run and each of its steps, from Redis while it holds the run, then from the records."""
-    from orchestrator.config import parse_config
+def _readable_runs(access: AccessControl, caller: Identity, workflow: str | None, status: str | None,
+                   since: float | None, limit: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Up to `limit` runs of workflows the caller may read; a caller who may read no workflow is refused."""
+    policy = access.policy
+    if workflow is not None:
+        policy.check(caller, "read", f"workflow:{workflow}")
+    elif not policy.grants_any(caller.roles, "read", "workflow"):
+        policy.check(caller, "read", "workflow:*")  # refuses, and reports it
+    asked = limit
+    while True:  # the records filter by workflow glob only here: ask for more until enough are readable
+        found = _records().runs(workflow, status, since, asked)
+        readable = [run for run in found if policy.allows(caller.roles, "read", f"workflow:{run['workflow']}")]
+        if len(readable) >= limit or len(found) < asked:
+            return readable[:limit]
+        asked *= 4
 
-    with _errors(), _orchestrator(parse_config({})) as orchestrator:
+
+@main.command()
+@run_shown
+def show(run_id: str, config_path: str | None, as_json: bool, reveal: bool) -> None:
+    """A run and each of its steps, from Redis while it holds the run, then from the records."""
+    with _errors(), _orchestrator(_config_or_empty(config_path)) as orchestrator:
         result = orchestrator.status(run_id, reveal)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
@@ -78,17 +117,27 @@ def show(run_id: str, as_json: bool, reveal: bool) -> None:
         click.echo(f"  ✘ {error.step} ({error.service}.{error.tool}) {error.type}: {error.message}")
 
 
+@contextmanager
+def _audit_session(config_path: str | None) -> Iterator[Session]:
+    """A session on the records once the caller may read the audit chain."""
+    with _errors():
+        _authorize(config_path, "audit", "audit")
+    with _errors(), _records().session() as session:
+        yield session
+
+
 @main.group(name="audit")
 def audit_group() -> None:
     """The audit chain: one row per MCP interaction and per operation, each carrying the previous row's hash."""
 
 
 @audit_group.command()
-def verify() -> None:
+@config_option
+def verify(config_path: str | None) -> None:
     """Check the whole chain; names the first row edited, deleted or moved (exit 1)."""
-    from orchestrator import audit
+    from orchestrator.history import audit
 
-    with _errors(), _records().session() as session:
+    with _audit_session(config_path) as session:
         count, problem = audit.verify(session)
     if problem is not None:
         _fail(f"{problem} (the {count} rows before it hold)", EXIT_FAILED)
@@ -98,12 +147,13 @@ def verify() -> None:
 @audit_group.command(name="export")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="file to write (default: stdout)")
 @click.option("--since", help="only rows since: 90s, 30m, 2h, 7d, or a date like 2026-01-31")
-def export_audit(output: str | None, since: str | None) -> None:
+@config_option
+def export_audit(output: str | None, since: str | None, config_path: str | None) -> None:
     """Write the audit rows as JSON lines (for a SIEM), in chain order."""
-    from orchestrator import audit
+    from orchestrator.history import audit
 
     start = _since(since)
-    with _errors(), _records().session() as session:
+    with _audit_session(config_path) as session:
         if output is None:
             audit.export(session, sys.stdout, start)
             return
@@ -118,10 +168,13 @@ def db() -> None:
 
 
 @db.command()
-def upgrade() -> None:
-    """Create or migrate the records schema to the newest version."""
-    from orchestrator.records import describe
+@config_option
+def upgrade(config_path: str | None) -> None:
+    """Create or migrate the records schema to the newest version (admin on `records` when access is on)."""
+    from orchestrator.history.records import describe
 
+    with _errors():
+        _authorize(config_path, "admin", "records")
     store = _records()
     with _errors():
         store.upgrade()

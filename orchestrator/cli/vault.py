@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,15 +9,16 @@ from typing import Any
 
 import click
 
-from orchestrator.cli.common import _errors, _fail, _redis_url, _require, _settings, config_option, main
-
-
-def _vault() -> Any:
-    """The vault of this namespace, on REDIS_URL or the embedded Redis."""
-    from orchestrator.vault import Vault
-    from workers.tls import connect_redis
-
-    return Vault(connect_redis(_redis_url()), _settings().namespace)
+from orchestrator.cli.common import (
+    _errors,
+    _fail,
+    _key_created,
+    _listing,
+    _vault,
+    config_option,
+    json_list_option,
+    main,
+)
 
 
 @main.group()
@@ -34,40 +33,35 @@ def secrets() -> None:
 @config_option
 def secrets_set(name: str, from_file: str | None, config_path: str | None) -> None:
     """Store a new version of secret NAME, its value read from stdin or a file (never the command line)."""
-    from orchestrator.vault import check_name
+    from orchestrator.security.vault import check_name
 
     with _errors():
-        vault = _vault()
-        _, who = _require(config_path, vault.redis, "secrets", f"secret:{name}")
+        vault, who = _vault(config_path, "secrets", f"secret:{name}")
         check_name(name)
         if sys.stdin.isatty() and from_file is None:
             click.echo(f"value of secret '{name}' (end with Ctrl-D):", err=True)
         value = (Path(from_file).read_text() if from_file else sys.stdin.read()).rstrip("\r\n")
-        if vault.ring.ensure():
-            click.echo(f"created a new vault key ring in {vault.ring.path} (mode 0600): every worker needs it "
-                       "(or MCPO_VAULT_KEYS); keep a copy out of Redis", err=True)  # fmt: skip
+        _key_created(vault.ring.ensure(), "a new vault key ring", vault.ring.path, "every worker", "MCPO_VAULT_KEYS")
         version = vault.set(name, value, who)
     click.echo(f"secret '{name}' version {version} set")
 
 
 @secrets.command("list")
-@click.option("--json", "as_json", is_flag=True, help="print the list as JSON")
+@json_list_option
 @config_option
 def secrets_list(as_json: bool, config_path: str | None) -> None:
     """Every secret's name, current version and age; never a value."""
     with _errors():
-        vault = _vault()
-        _require(config_path, vault.redis, "secrets", "secret:*")
+        vault, _ = _vault(config_path, "secrets", "secret:*")
         infos = vault.list()
     now = time.time()
-    if as_json:
-        click.echo(json.dumps([dataclasses.asdict(info) for info in infos], indent=2))
-        return
-    click.echo(f"{'NAME':32} {'VERSION':>7} {'KEPT':12} {'CREATED':>8} {'UPDATED':>8}")
-    for info in infos:
+
+    def line(info: Any) -> str:
         kept = ",".join(str(v) for v in info.versions)
-        click.echo(f"{info.name:32} {info.version:>7} {kept:12} {_age(now - info.created_at):>8} "
-                   f"{_age(now - info.updated_at):>8}")  # fmt: skip
+        ages = f"{_age(now - info.created_at):>8} {_age(now - info.updated_at):>8}"
+        return f"{info.name:32} {info.version:>7} {kept:12} {ages}"
+
+    _listing(infos, as_json, f"{'NAME':32} {'VERSION':>7} {'KEPT':12} {'CREATED':>8} {'UPDATED':>8}", line)
 
 
 def _age(seconds: float) -> str:
@@ -83,8 +77,7 @@ def _age(seconds: float) -> str:
 def secrets_rm(name: str, config_path: str | None) -> None:
     """Remove secret NAME and all its versions."""
     with _errors():
-        vault = _vault()
-        _, who = _require(config_path, vault.redis, "secrets", f"secret:{name}")
+        vault, who = _vault(config_path, "secrets", f"secret:{name}")
         if not vault.remove(name, who):
             _fail(f"no secret '{name}' in the vault")
     click.echo(f"secret '{name}' removed")
@@ -103,8 +96,7 @@ def keys_rotate(config_path: str | None) -> None:
     Workers keep running: one that cannot decrypt with the ring it holds reads the key file again.
     """
     with _errors():
-        vault = _vault()
-        _, who = _require(config_path, vault.redis, "keys", "vault")
+        vault, who = _vault(config_path, "keys", "vault")
         rotation = vault.rotate_keys(who)
     if rotation.source == "MCPO_VAULT_KEYS":
         click.echo(f"re-encrypted {rotation.ciphertexts} ciphertexts of {rotation.secrets} secrets under the first "

@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from typing import Any
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
 
 server = MCPServer("testing")
 _in_flight = {"now": 0, "max": 0}
@@ -85,6 +87,35 @@ def crash() -> str:
 
 
 @server.tool()
+async def tally(path: str, tag: str = "call", seconds: float = 0, value: Any = None) -> dict[str, Any]:
+    """Append `tag` as a line to the file at `path` (a test counts the calls a fault made twice), sleep `seconds`,
+    then answer with the tag and `value`."""
+    with open(path, "a") as ledger:
+        ledger.write(f"{tag}\n")
+    await asyncio.sleep(seconds)
+    return {"tag": tag, "value": value}
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+async def lookup(path: str, key: str, seconds: float = 0) -> dict[str, Any]:
+    """A read-only lookup: append `key` as a line to the file at `path` (a test counts the calls that reached this
+    server), sleep `seconds`, then answer with the key and this server's clock."""
+    with open(path, "a") as ledger:
+        ledger.write(f"{key}\n")
+    await asyncio.sleep(seconds)
+    return {"key": key, "at": time.time()}
+
+
+@server.tool()
+def stamp(path: str) -> float:
+    """Append this server's clock (epoch seconds) as a line to the file at `path`: when each call reached it."""
+    now = time.time()
+    with open(path, "a") as ledger:
+        ledger.write(f"{now!r}\n")
+    return now
+
+
+@server.tool()
 def getenv(name: str) -> dict[str, str | None]:
     """One environment variable of this server process."""
     return {"name": name, "value": os.environ.get(name)}
@@ -96,6 +127,12 @@ def shout(lines: int = 1000) -> int:
     for i in range(lines):
         print(f"stderr line {i} " + "x" * 200, file=sys.stderr)
     return lines
+
+
+@server.tool()
+def meta(ctx: Context) -> dict[str, Any]:
+    """The `_meta` of this request as the server received it (the orchestrator's idempotency key among it)."""
+    return dict(ctx.request_context.meta or {})
 
 
 if __name__ == "__main__":
