@@ -215,10 +215,10 @@ def timed_run(orchestrator: Any, workflow: Any, timeout: float) -> tuple[Any, fl
 
 
 @contextlib.contextmanager
-def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str, int]]:
-    """Both sides of a comparison on one broker: an orchestrator worker for `bench` (its pid comes last), a raw
-    Celery worker, an orchestrator over them and a direct MCP session; everything stopped at the end, even on
-    error."""
+def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str, list[int]]]:
+    """Both sides of a comparison on one broker: an orchestrator worker for `bench`, a raw Celery worker (their
+    pids come last, in that order), an orchestrator over them and a direct MCP session; everything stopped at the
+    end, even on error."""
     from bench import raw_app  # it reads the raw queue's name from the environment this module sets
     from orchestrator import Orchestrator, load_config
 
@@ -232,4 +232,4 @@ def ours_and_raw(concurrency: int) -> Iterator[tuple[Any, DirectSession, str, in
         orchestrator = stack.enter_context(Orchestrator(load_config(CONFIG), redis_url=url))
         session = DirectSession()
         stack.callback(session.close)
-        yield orchestrator, session, url, workers.pids[0]
+        yield orchestrator, session, url, workers.pids

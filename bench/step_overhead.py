@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default {ROUNDS})")
     arguments = parser.parse_args()
     secure_on, rounds = arguments.secure, arguments.rounds
-    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url, worker), contextlib.ExitStack() as stack:
+    with ours_and_raw(CONCURRENCY) as (orchestrator, session, url, pids), contextlib.ExitStack() as stack:
+        worker = pids[0]
         # The secured client warms up as it starts (bench/secure_client.py).
         secure = stack.enter_context(secured(url, noop_chain("secure"), CONCURRENCY)) if secure_on else None
         redis = stack.enter_context(Redis.from_url(url))

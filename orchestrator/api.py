@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.backend import Backend
+from orchestrator.batching import Batching, workers_serving
 from orchestrator.compiler import compile_run
 from orchestrator.config import Config, load_config, load_workflow
 from orchestrator.errors import (
@@ -38,6 +40,7 @@ from orchestrator.security.identity import Identity, IdentitySettings, SigningKe
 from orchestrator.security.sealing import hide_run, holds_sealed, open_params, open_run
 from orchestrator.settings import settings
 from orchestrator.workflow import Graph, Workflow
+from workers.app import queue_for
 from workers.outage import ride_out
 from workers.tls import tls_refused
 
@@ -171,7 +174,9 @@ class Orchestrator:
             records = store.records(graph, definition.version(), params, fallback, who=who, origin=launch.origin(),
                                     reused=launch.reused)  # fmt: skip
             store.write(run_id, records)
-            compile_run(run_id, graph, caller=sign(run_id, name, graph), only=launch.only).apply_async()
+            compile_run(
+                run_id, graph, caller=sign(run_id, name, graph), only=launch.only, batching=self._batching()
+            ).apply_async()
         except BaseException:
             if launch.key is not None:  # the run did not start: a retry with the key may start it
                 EnqueueKeys(store.redis, store.namespace).release(launch.key, who, claim)
@@ -329,8 +334,16 @@ class Orchestrator:
         self._ensure_workers({s.service for s in graph.steps})
         child_id = uuid.uuid4().hex
         records = RunStore.records(graph, version, {**workflow.params, **params})
-        canvas = compile_run(child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph))
+        canvas = compile_run(
+            child_id, graph, after_fallback=run_id, caller=sign(child_id, name, graph), batching=self._batching()
+        )
         return {"run_id": child_id, "records": records, "canvas": dict(canvas)}
+
+    def _batching(self) -> Batching:
+        """Which parallel calls go in batch messages: the fleet's heartbeats are asked once per service."""
+        store = self.connect()
+        return Batching.of(self.config, functools.cache(
+            lambda service: workers_serving(store.redis, store.namespace, queue_for(service))))  # fmt: skip
 
     def _budget(self, graph: Graph) -> float:
         """A bound on how long a run's messages live: every step's and fallback's time budget, one after another,

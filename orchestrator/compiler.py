@@ -16,11 +16,12 @@ from typing import Any
 from celery import chain, group
 from celery.canvas import Signature, _chain, _chord
 
+from orchestrator.batching import Batching
 from orchestrator.expressions import references
 from orchestrator.messages import PlannedStep, StepCall
 from orchestrator.security.sealing import sealer
 from orchestrator.workflow import Graph
-from workers.app import app, control_queue, step_signature
+from workers.app import app, batch_signature, control_queue, step_signature
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,13 @@ def _keep_results(signature: Signature) -> None:
         signature.set(ignore_result=False)
 
 
-def compile_run(run_id: str, graph: Graph, after_fallback: str | None = None,
-                caller: str | None = None, only: set[str] | None = None) -> Signature:  # fmt: skip
+def compile_run(run_id: str, graph: Graph, after_fallback: str | None = None, caller: str | None = None,
+                only: set[str] | None = None, batching: Batching | None = None) -> Signature:  # fmt: skip
     """The whole canvas of one run: every step's call (or those in `only`, see `shape`), then `mcpo.finish`.
 
     `after_fallback` names the run this one stands in for: its finish then closes that run too. `caller` is
     the run's caller token (access control on), carried in every step's message for the worker to check.
+    `batching` says which parallel calls go in batch messages (orchestrator/batching.py); None: none do.
     """
     options: dict[str, Any] = {"after_fallback": after_fallback} if after_fallback else {}
     finish = app.signature("mcpo.finish", args=(run_id,), kwargs=options, immutable=True, queue=control_queue())
@@ -159,6 +161,8 @@ def compile_run(run_id: str, graph: Graph, after_fallback: str | None = None,
         finish,
     )
     _relayed(canvas)
+    if batching is not None:
+        _batched(canvas, batching)
     return canvas
 
 
@@ -179,6 +183,45 @@ def _relayed(signature: Signature) -> None:
         members = list(signature.tasks)
     for member in members:
         _relayed(member)
+
+
+def _batched(signature: Signature, batching: Batching) -> None:
+    """Put the calls of every chord header in batches where batching says so: a chord's, and a group followed by
+    another part of its chain (Celery makes it a chord's header when the chain is sent). A group that ends its
+    chain is not: Celery joins it, with no count a call leaving its batch could join."""
+    members: list[Signature] = []
+    if isinstance(signature, _chain):
+        members = list(signature.tasks)
+        for member in members[:-1]:
+            if isinstance(member, group):
+                member.tasks = _batches(list(member.tasks), batching)
+    elif isinstance(signature, _chord):
+        signature.tasks = _batches(list(signature.tasks), batching)
+        members = [*signature.tasks, signature.body]
+    elif isinstance(signature, group):
+        members = list(signature.tasks)
+    for member in members:
+        _batched(member, batching)
+
+
+def _batches(members: list[Signature], batching: Batching) -> list[Signature]:
+    """A group's members with its calls to each batching service in batches; other members as they were."""
+    calls: dict[str, list[dict[str, Any]]] = {}
+    for member in members:
+        if _is_call(member):
+            calls.setdefault(member.kwargs["service"], []).append(member.kwargs)
+    kept: list[Signature] = []
+    batched: set[int] = set()
+    for service, messages in calls.items():
+        sizes = batching.sizes(service, len(messages))
+        start = 0
+        for size in sizes:
+            part = messages[start : start + size]
+            start += size
+            if size > 1:
+                kept.append(batch_signature(part))
+                batched.update(id(message) for message in part)
+    return kept + [member for member in members if not (_is_call(member) and id(member.kwargs) in batched)]
 
 
 def _is_call(signature: Signature) -> bool:

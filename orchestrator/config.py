@@ -165,6 +165,15 @@ class CacheSettings(BaseModel):
     max_bytes: StrictInt = Field(default=CACHE_BYTES, ge=1024)
 
 
+class BatchSettings(BaseModel):
+    """A service's `batch:`: a parallel group of at least `min_group` of its calls is sent as messages of up to
+    `max_calls` calls each, which a worker makes at once (orchestrator/batching.py). `batch: false`: never."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_calls: StrictInt = Field(default=64, ge=2, le=1000)
+    min_group: StrictInt = Field(default=16, ge=2)
+
+
 class Service(BaseModel):
     """What a worker pool serves and a queue is named after: one server, or several instances of it
     (`instances`: server names), and the tools callers may use."""
@@ -180,6 +189,12 @@ class Service(BaseModel):
     health: HealthSettings = Field(default_factory=HealthSettings)
     limits: ServiceLimits = Field(default_factory=ServiceLimits)  # calls at once and started, across the fleet
     cache: CacheSettings | None = None  # answers of read-only tools kept fleet-wide (orchestrator/responses.py)
+    batch: BatchSettings | None = Field(default_factory=BatchSettings)  # None: `batch: false`
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_on_or_off(cls, value: Any) -> Any:
+        return {} if value is True else None if value is False else value
 
     @model_validator(mode="after")
     def _one_way_to_name_servers(self) -> Service:

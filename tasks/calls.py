@@ -1,4 +1,4 @@
-"""The two Celery tasks: `mcpo.call` makes one MCP tool call; `mcpo.finish` closes a run."""
+"""The Celery tasks: `mcpo.call` makes one MCP tool call, `mcpo.batch` several at once, `mcpo.finish` closes a run."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from typing import Any
 from celery import Task
 from celery.canvas import maybe_signature
 
+from orchestrator.errors import RunNotFound
 from orchestrator.messages import StepCall
 from workers import runtime
 from workers.app import app, step_signature
-from workers.execution import execute_step, finish_run
+from workers.execution import execute_batch, execute_step, finish_run
 from workers.pipeline import Reroute, Retry
 from workers.request import DecodedRequest
+
+BATCH_RETRIES = 5  # times a batch's unrecorded calls go round again before the batch fails
 
 
 # Results live in the run store; Celery's result backend is still told of chord members (Celery does that
@@ -29,6 +32,32 @@ def call(self: Task, **message: Any) -> dict[str, Any]:
         raise self.replace(step_signature(outcome.call))
     _hand_on(self.request.chain, message.get("caller"))
     return {"step": message["step_id"], "status": outcome.status}
+
+
+@app.task(name="mcpo.batch", bind=True, max_retries=BATCH_RETRIES, ignore_result=True, Request=DecodedRequest)
+def batch(self: Task, calls: list[dict[str, Any]], caller: str | None = None) -> dict[str, Any]:
+    """Calls of one run to one service made at once (orchestrator/batching.py); shown as `service.tool` times N. A call
+    that must retry or go to its fallback leaves the batch: it is sent alone, and the chord waits for it too."""
+    steps = [StepCall(**message, caller=caller) for message in calls]
+    outcomes = execute_batch(runtime.current(), steps, self.request.hostname)
+    statuses: dict[str, str] = {}
+    unrecorded: list[dict[str, Any]] = []
+    for step, message, outcome in zip(steps, calls, outcomes, strict=True):
+        if isinstance(outcome, Retry | Reroute):
+            alone = self.add_to_chord(step_signature(outcome.call), lazy=True)
+            alone.apply_async(countdown=outcome.countdown if isinstance(outcome, Retry) else None)
+            statuses[step.step_id] = "left the batch"
+        elif isinstance(outcome, RunNotFound):
+            statuses[step.step_id] = "no such run"  # dropped, as a call alone is
+        elif isinstance(outcome, Exception):
+            unrecorded.append(message)
+        else:
+            statuses[step.step_id] = outcome.status
+    if unrecorded:
+        # Not even a failure could be recorded (Redis refused): those calls go round again, as a batch of their own
+        # under this task's id, so the chord still counts it once; a call recorded meanwhile is not made again.
+        raise self.retry(kwargs={"calls": unrecorded, "caller": caller}, countdown=1.0)
+    return {"steps": statuses}
 
 
 def _hand_on(chain: list[dict[str, Any]] | None, caller: str | None) -> None:

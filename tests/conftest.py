@@ -376,14 +376,16 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 @contextmanager
 def worker_fleet(url: str, env: dict[str, str], log_dir: Path, session_url: str, concurrency: int = 100,
-                 config: Path = TEST_SERVICES, service: str = "testing",
+                 config: Path = TEST_SERVICES, service: str | tuple[str, ...] = "testing",
                  ) -> Iterator[tuple[Orchestrator, WorkerProcesses]]:  # fmt: skip
-    """Two worker processes for `service` of `config` (env, on url) and an orchestrator on the Redis at url — a
-    private one, a Sentinel group —; this process's app goes back to the session's Redis (session_url) after."""
+    """Two worker processes for `service` (or services) of `config` (env, on url) and an orchestrator on the Redis
+    at url — a private one, a Sentinel group —; this process's app goes back to the session's Redis (session_url)
+    after."""
     use_broker(url)
     pool = WorkerProcesses({**env, "REDIS_URL": url}, log_dir)
+    services = (service,) if isinstance(service, str) else service
     try:
-        pool.start_each([(service,), (service,)], config=config, concurrency=concurrency)
+        pool.start_each([services, services], config=config, concurrency=concurrency)
         with Orchestrator(load_config(config), redis_url=url) as orchestrator:
             yield orchestrator, pool
     finally:

@@ -45,6 +45,14 @@ POISON = [
     ("no-task-header", {"task": "<absent>"}, GOOD_BODY, "no `task` header"),
     ("bad-eta", {"eta": "tomorrow-ish"}, GOOD_BODY, "bad header `eta`"),
     ("bad-id", {"id": 7}, GOOD_BODY, "bad header `id`"),
+    ("batch-not-a-list", {"task": "mcpo.batch"}, json.dumps([[], {"calls": {"a": 1}}, {}]), "`calls` is not a list"),
+    (
+        "batch-bad-call",
+        {"task": "mcpo.batch"},
+        json.dumps([[], {"calls": [{"run_id": "r"}]}, {}]),
+        "bad batch: call 0 does not fit a step call",
+    ),
+    ("batch-no-object", {"task": "mcpo.batch"}, json.dumps([[], {"calls": [7]}, {}]), "call 0 is not an object"),
 ]
 
 
@@ -124,3 +132,25 @@ def test_a_quarantined_step_message_fails_its_run_instead_of_leaving_it_running(
     assert run.status == "failed"
     assert run.steps["only"].error_type == "MessageRefused"
     assert letter.id in (run.steps["only"].error or "") and "timelimit" in (run.errors[0].message or "")
+
+
+def test_a_quarantined_batch_message_fails_its_run_and_each_of_its_steps(
+    test_orch: Orchestrator, letters: DeadLetters
+) -> None:
+    steps = [{"id": f"s{i}", "service": "testing", "tool": "echo", "depends_on": []} for i in range(3)]
+    graph = test_orch.config.graph(Workflow.model_validate({"steps": steps}), "quarantined")
+    run_id = uuid.uuid4().hex
+    test_orch.connect().write(run_id, test_orch.connect().records(graph, "test", {}))
+    calls = [{"run_id": run_id, "step_id": f"s{i}", "service": "testing", "tool": "echo", "arguments": {},
+              "timeout": 30, "retries": 0} for i in range(3)]  # fmt: skip
+    calls[1]["colour"] = "blue"  # a field no step call has
+    probe = f"batch-{uuid.uuid4().hex[:8]}"
+    body = json.dumps([[], {"calls": calls}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    _publish(queue_for("testing"), _headers(probe, task="mcpo.batch"), body)
+    letter = _letter(letters, probe)
+    assert "bad batch: call 1 does not fit a step call" in letter.reason and "colour" in letter.reason
+    deadline = time.monotonic() + 30
+    while not (run := test_orch.status(run_id)).done and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.status == "failed"
+    assert {step.error_type for step in run.steps.values()} == {"MessageRefused"}

@@ -3,6 +3,7 @@ timeout, and another worker runs them; a live worker's slow calls stay with it."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -47,14 +48,21 @@ def _workflow(path: Path, ledger: Path, steps: list[dict[str, object]]) -> Path:
 
 
 def _holdings(redis: Redis) -> dict[int, int]:
-    """Each live worker's pid and the messages it holds (reserved or running), from its heartbeat."""
+    """Each live worker's pid and the calls it holds (reserved or running), from its heartbeat: a batch message
+    holds as many as its name says (`service.tool`, a multiplication sign, N)."""
     namespace = celeryconfig.settings.namespace
     held: dict[int, int] = {}
     for raw in redis.zrange(f"{namespace}:workers", 0, -1):
         worker = raw.decode() if isinstance(raw, bytes) else str(raw)
-        tags = redis.smembers(f"{namespace}:worker:{worker}:tags")
-        held[int(worker.split(":")[1])] = sum(redis.hexists("unacked", tag) for tag in tags)
+        tags = list(redis.smembers(f"{namespace}:worker:{worker}:tags"))
+        entries = [entry for entry in (redis.hmget("unacked", tags) if tags else []) if entry is not None]
+        held[int(worker.split(":")[1])] = sum(_calls(json.loads(entry)[0]["headers"]) for entry in entries)
     return held
+
+
+def _calls(headers: dict[str, object]) -> int:
+    count = str(headers.get("shadow") or "").rpartition("\N{MULTIPLICATION SIGN}")[2]
+    return int(count) if count.isdigit() else 1
 
 
 def _kill_holder(workers: WorkerProcesses, redis: Redis) -> int:

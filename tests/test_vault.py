@@ -393,7 +393,9 @@ def test_keys_rotate_during_a_run_fails_no_call_and_retires_the_old_key(fleet: F
 def test_a_stdio_server_sees_a_rotated_env_secret_after_a_drained_restart(fleet: Fleet) -> None:
     getenv = fleet.run("envy", "getenv", 1, name="VAULT_VALUE").wait(30)
     value = next(iter(getenv.steps.values())).output["value"]
-    run = fleet.run("envy", "concurrent", 300, seconds=0.3)
+    # Three waves of 100 calls (the worker's concurrency): the rotation, once the first calls have ended, reaches
+    # the worker while the second wave runs, with a wave (1 s) to spare on a loaded machine.
+    run = fleet.run("envy", "concurrent", 300, seconds=1.0)
     fleet.wait_until_finished(run.id, 30)
     fleet.vault.set("stdio-value", f"rotated after {value}")
     result = run.wait(120)

@@ -48,6 +48,21 @@ def step_signature(step: StepCall) -> Signature:
                          shadow=f"{step.service}.{step.tool}", kwargsrepr=step.shown(), declare=[])  # fmt: skip
 
 
+def batch_signature(messages: list[dict[str, Any]]) -> Signature:
+    """The signature of several calls of one run to one service, made at once by one worker (orchestrator/
+    batching.py): named `service.tool` times N and shown with its step ids. The run's caller token goes once."""
+    first = messages[0]
+    tools = sorted({message["tool"] for message in messages})
+    tool = tools[0] if len(tools) == 1 else "{" + ",".join(tools) + "}"
+    caller = first.get("caller")
+    calls = [{name: value for name, value in message.items() if name != "caller"} for message in messages]
+    shown = f"run={first['run_id']} steps={','.join(message['step_id'] for message in messages)}"
+    name = f"{first['service']}.{tool} \N{MULTIPLICATION SIGN}{len(messages)}"
+    return app.signature("mcpo.batch", kwargs={"calls": calls, **({"caller": caller} if caller else {})},
+                         immutable=True, queue=queue_for(first["service"]), shadow=name, kwargsrepr=shown[:500],
+                         declare=[])  # fmt: skip
+
+
 def control_queue() -> str:
     """The queue for run bookkeeping (finishing a run); every worker consumes it."""
     return f"{settings.namespace}.control"

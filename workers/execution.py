@@ -52,6 +52,20 @@ def execute_step(runtime: Runtime, call: StepCall, worker: str | None) -> Outcom
         return _failed(runtime, call, worker, f"{type(exc).__name__}: {exc}", type(exc).__name__)
 
 
+def execute_batch(runtime: Runtime, calls: list[StepCall], worker: str | None) -> list[Outcome | Exception]:
+    """A batch message's calls (orchestrator/batching.py), made at once on the worker's shared threads; each
+    call's outcome as `execute_step` gives it, or what it raised (its outcome could not be recorded)."""
+    running = [runtime.threads.submit(_outcome, runtime, call, worker) for call in calls]
+    return [future.result() for future in running]
+
+
+def _outcome(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome | Exception:
+    try:
+        return execute_step(runtime, call, worker)
+    except Exception as exc:  # boundary: the batch decides what becomes of a call whose outcome was not recorded
+        return exc
+
+
 def _execute(runtime: Runtime, call: StepCall, worker: str | None) -> Outcome:
     pipeline = runtime.pipeline
     refusal = pipeline.refusal(call)

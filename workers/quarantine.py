@@ -22,6 +22,7 @@ from celery.worker.consumer import Consumer
 from redis import Redis
 
 from orchestrator.deadletters import DeadLetter, DeadLetters
+from orchestrator.messages import StepCall
 from orchestrator.results import StepError, StepResult
 from orchestrator.security.events import security_event
 from orchestrator.settings import settings
@@ -58,6 +59,20 @@ def refusal(message: Any, tasks: Any) -> str | None:
         tasks[name].__header__(*args, **kwargs)  # the task's signature, without its body (Celery's own check)
     except TypeError as exc:
         return f"arguments do not fit task {name}: {exc}"
+    return _batch_problem(kwargs["calls"]) if name == "mcpo.batch" else None
+
+
+def _batch_problem(calls: Any) -> str | None:
+    """Why a batch message's calls cannot run: each must be a step call's kwargs (orchestrator/messages.py)."""
+    if not isinstance(calls, list) or not calls:
+        return f"bad batch: `calls` is not a list of calls: {type(calls).__name__}"
+    for index, call in enumerate(calls):
+        if not isinstance(call, dict) or not all(isinstance(key, str) for key in call):
+            return f"bad batch: call {index} is not an object with string keys"
+        try:
+            StepCall(**call)
+        except TypeError as exc:
+            return f"bad batch: call {index} does not fit a step call: {exc}"
     return None
 
 
@@ -111,24 +126,29 @@ def _end_run(message: Any, error: str) -> None:
     from workers import runtime
 
     current = runtime._current
+    task = message.headers.get("task")
     try:
         kwargs = message.payload[1]
-        run_id, step_id = str(kwargs["run_id"]), str(kwargs.get("step_id", ""))
+        named = kwargs["calls"] if task == "mcpo.batch" else [kwargs]
+        run_id = str(named[0]["run_id"])
+        steps = [(str(call.get("step_id", "")), str(call.get("service", "")), str(call.get("tool", "")))
+                 for call in named if isinstance(call, dict)]  # fmt: skip
     except Exception:  # boundary: a body too broken to name its run names none
         return
-    if current is None or message.headers.get("task") not in ("mcpo.call", "mcpo.finish"):
+    if current is None or task not in ("mcpo.call", "mcpo.batch", "mcpo.finish"):
         return
     store = current.store
     try:
         store.status(run_id)  # a message for no known run creates no run keys
-        failure = StepError(step=step_id, service=str(kwargs.get("service", "")), tool=str(kwargs.get("tool", "")),
-                            type="MessageRefused", message=error)  # fmt: skip
-        if step_id:
-            now = time.time()
-            store.save_step(run_id, step_id, StepResult(service=failure.service, tool=failure.tool, status="failed",
-                                                        error=error, error_type=failure.type, started_at=now,
-                                                        finished_at=now))  # fmt: skip
-        store.finish(run_id, "failed", None, [failure], {failure.service: {failure.type: 1}})
+        failures = [StepError(step=step, service=service, tool=tool, type="MessageRefused", message=error)
+                    for step, service, tool in steps]  # fmt: skip
+        now = time.time()
+        for failure in failures:
+            if failure.step:
+                store.save_step(run_id, failure.step, StepResult(service=failure.service, tool=failure.tool,
+                                                                 status="failed", error=error, error_type=failure.type,
+                                                                 started_at=now, finished_at=now))  # fmt: skip
+        store.finish(run_id, "failed", None, failures[:1], {failures[0].service: {failures[0].type: len(failures)}})
     except Exception:  # boundary: the dead letter is kept; the run is left as it is
         log.exception("quarantine: cannot fail run %s after refusing its message", run_id)
 

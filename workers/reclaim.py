@@ -25,6 +25,7 @@ from celery.signals import worker_init, worker_shutdown
 from kombu.utils.json import dumps, loads
 from redis import Redis
 
+from orchestrator.batching import serving_key
 from orchestrator.settings import settings
 from orchestrator.text import as_text
 
@@ -32,12 +33,17 @@ logger = logging.getLogger(__name__)
 
 MISSED_BEATS = 3  # a worker is dead once this many beats are overdue
 
-# KEYS: workers zset, this worker's tags set, unacked hash. ARGV: worker id, lifetime ms, tags set ttl ms.
+# KEYS: workers zset, this worker's tags set, unacked hash, then the serving zset of each queue it consumes.
+# ARGV: worker id, lifetime ms, tags set ttl ms.
 # Returns 1 when the worker was not registered (its first beat, or peers declared it dead meanwhile).
 _BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local new = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+for i = 4, #KEYS do
+  redis.call('ZADD', KEYS[i], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - 3600000)
+end
 for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if redis.call('HEXISTS', KEYS[3], tag) == 0 then redis.call('SREM', KEYS[2], tag) end
 end
@@ -82,7 +88,8 @@ return restored
 class Reclaimer:
     """This worker's heartbeat, and the reaper of dead peers' messages, on the broker's Redis."""
 
-    def __init__(self, channel: Any, namespace: str, interval: float, visibility_timeout: int) -> None:
+    def __init__(self, channel: Any, namespace: str, interval: float, visibility_timeout: int,
+                 queues: list[str]) -> None:  # fmt: skip
         self.channel = channel  # a kombu Redis channel of its own: queue lookup, priorities, key names
         self.redis = Redis(connection_pool=channel.pool)  # unprefixed: keys are prefixed here, once
         self.prefix: str = channel.global_keyprefix or ""
@@ -90,6 +97,7 @@ class Reclaimer:
         self.interval = interval
         self.visibility_timeout = visibility_timeout
         self.workers_key = f"{self.prefix}{namespace}:workers"
+        self.serving = [serving_key(namespace, queue) for queue in queues]  # counted as batches are planned
         self._tags_prefix = f"{self.prefix}{namespace}:worker:"
         self.unacked = self.prefix + channel.unacked_key
         self.unacked_index = self.prefix + channel.unacked_index_key
@@ -109,7 +117,7 @@ class Reclaimer:
 
     def beat(self) -> None:
         lifetime_ms = int(self.interval * MISSED_BEATS * 1000)
-        keys = [self.workers_key, self.tags_key(self.id), self.unacked]
+        keys = [self.workers_key, self.tags_key(self.id), self.unacked, *self.serving]
         new = self._beat(keys=keys, args=[self.id, lifetime_ms, self.visibility_timeout * 1000])
         if new and self._beats:
             logger.warning("worker %s missed %d heartbeats: peers have put its calls back on their queues; "
@@ -178,6 +186,8 @@ class Reclaimer:
             self._thread.join(self.interval + 5)
         try:
             self.redis.zrem(self.workers_key, self.id)
+            for key in self.serving:
+                self.redis.zrem(key, self.id)
             self.redis.delete(self.tags_key(self.id))
         except Exception:  # boundary: Redis away at shutdown; the entry expires as a dead worker's would
             logger.warning("could not deregister worker %s", self.id, exc_info=True)
@@ -197,7 +207,8 @@ def _start(sender: Any, **_: Any) -> None:
     if not hasattr(channel, "unacked_key"):
         logger.info("broker is not Redis: dead workers' calls return after the visibility timeout only")
         return
-    _current = Reclaimer(channel, settings.namespace, settings.heartbeat_interval, settings.visibility_timeout)
+    queues = list(sender.app.amqp.queues.consume_from or {})
+    _current = Reclaimer(channel, settings.namespace, settings.heartbeat_interval, settings.visibility_timeout, queues)
     _current.start()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +49,23 @@ class Runtime:
     pipeline: Pipeline = field(default_factory=lambda: Pipeline([]))  # every per-call policy, in order
     _watching: list[Listener] = field(default_factory=list)
     _closed: bool = False
+    _threads: ThreadPoolExecutor | None = None
+
+    @property
+    def threads(self) -> ThreadPoolExecutor:
+        """The threads the calls of batch messages run on, shared by every batch: the worker's concurrency of them."""
+        with _lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(settings.worker_concurrency, thread_name_prefix="mcpo-batch")
+            return self._threads
 
     @classmethod
     def create(cls, config: Config, redis_url: str) -> Runtime:
-        store = RunStore(connect_redis(redis_url, retry=outage_retry()), settings.namespace, settings.run_ttl)
+        # Each of the worker's threads may hold a connection at once: Celery's pool (calls alone) and the batches'
+        # (`threads` below), and the listener, flusher and heartbeat beside them.
+        connections = 2 * settings.worker_concurrency + 16
+        redis = connect_redis(redis_url, retry=outage_retry(), max_connections=connections)
+        store = RunStore(redis, settings.namespace, settings.run_ttl)
         balancer = Balancer(config, store.redis, store.namespace)
         credentials = Credentials(Vault(store.redis, settings.namespace))
         runtime = cls(config, store, SessionPool(balancer.server, settings.home / "logs", credentials), balancer)
@@ -116,6 +130,8 @@ class Runtime:
         if self._flusher is not None:
             self._flusher.stop()
         unwatch(self._watching)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
         self.pool.close()
         self.store.redis.close()
 

@@ -147,6 +147,7 @@ def _serve(config: Config, services: list[str], concurrency: int, loglevel: str)
     watch(connect_redis(url), settings.namespace, alert_settings(config.access))
     os.environ["MCPO_CONFIG"] = str(Path(config.source or "").resolve())
     settings.config = Path(os.environ["MCPO_CONFIG"])
+    settings.worker_concurrency = concurrency  # a batch message's calls share this many threads (workers/runtime.py)
     queues = ",".join([*(queue_for(name) for name in services), control_queue()])
     name = f"{'+'.join(services)}-{os.getpid()}@%h"
     # Without mingle: at start a worker would wait a second for the others to send their revoked task ids and

@@ -96,6 +96,19 @@ async def tally(path: str, tag: str = "call", seconds: float = 0, value: Any = N
     return {"tag": tag, "value": value}
 
 
+@server.tool()
+def flaky(path: str, tag: str, failures: int = 1) -> str:
+    """Append `tag` as a line to the file at `path`, and fail while the file holds it `failures` times or fewer:
+    a call that succeeds once retried."""
+    with open(path, "a") as ledger:
+        ledger.write(f"{tag}\n")
+    with open(path) as ledger:
+        seen = ledger.read().split().count(tag)
+    if seen <= failures:
+        raise ToolError(f"{tag} fails (call {seen} of {failures + 1})")
+    return tag
+
+
 @server.tool(annotations=ToolAnnotations(read_only_hint=True))
 async def lookup(path: str, key: str, seconds: float = 0) -> dict[str, Any]:
     """A read-only lookup: append `key` as a line to the file at `path` (a test counts the calls that reached this
