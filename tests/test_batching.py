@@ -28,7 +28,7 @@ def configuration(path: Path, batch: Any = None) -> Path:
     batched: dict[str, Any] = {"server": "t", "retries": 1, "timeout": 30}
     if batch is not None:
         batched["batch"] = batch
-    services = {"batched": batched, "spare": {"server": "t", "retries": 0}}
+    services = {"batched": batched, "understudy": {"server": "t", "retries": 0}}
     path.write_text(yaml.safe_dump({"servers": {"t": server}, "services": services}))
     return path
 
@@ -69,11 +69,11 @@ def test_the_compiler_batches_chord_headers_only(tmp_path: Path) -> None:
     config = load_config(configuration(tmp_path / "c.yaml"))
     plan = Batching.of(config, lambda service: 2)
     ledger = tmp_path / "ledger"
-    spare = [{"id": f"x{i}", "service": "spare", "tool": "echo", "parameters": {}} for i in range(3)]
+    spare = [{"id": f"x{i}", "service": "understudy", "tool": "echo", "parameters": {}} for i in range(3)]
     graph = config.graph(fan_out(tallies(ledger, 40) + spare), "fan")
     members = header(compile_run("r", graph, caller="token", batching=plan))
     batches = [member for member in members if member.task == "mcpo.batch"]
-    assert [member.kwargs["service"] for member in members if member.task == "mcpo.call"] == ["spare"] * 3
+    assert [member.kwargs["service"] for member in members if member.task == "mcpo.call"] == ["understudy"] * 3
     assert [batch.options["shadow"] for batch in batches] == ["batched.tally \N{MULTIPLICATION SIGN}20"] * 2
     assert batches[0].options["kwargsrepr"] == "run=r steps=" + ",".join(f"t{i}" for i in range(20))
     assert batches[0].kwargs["caller"] == "token" and all("caller" not in call for call in batches[0].kwargs["calls"])
@@ -83,9 +83,9 @@ def test_the_compiler_batches_chord_headers_only(tmp_path: Path) -> None:
     off = load_config(configuration(tmp_path / "off.yaml", batch=False))
     assert all(m.task == "mcpo.call" for m in header(compile_run("r", graph, batching=Batching.of(off, lambda s: 2))))
     # A group that ends a chain inside another group is joined by Celery, not counted by a chord: not batched.
-    nested = [{"id": "a", "service": "spare", "tool": "echo", "parameters": {}}]
+    nested = [{"id": "a", "service": "understudy", "tool": "echo", "parameters": {}}]
     nested += [{**step, "depends_on": ["a"]} for step in tallies(ledger, 20)]
-    nested += [{"id": "z", "service": "spare", "tool": "echo", "parameters": {}}]
+    nested += [{"id": "z", "service": "understudy", "tool": "echo", "parameters": {}}]
     canvas = compile_run("r", config.graph(fan_out(nested), "fan"), batching=plan)
     inner = next(member for member in header(canvas) if isinstance(member, _chain))
     assert [member.task for member in inner.tasks[-1].tasks] == ["mcpo.call"] * 20
@@ -108,7 +108,7 @@ def test_a_fan_out_is_shared_by_both_workers_and_each_call_is_its_own_step(
 ) -> None:
     config = configuration(tmp_path / "c.yaml")
     ledger = tmp_path / "ledger"
-    with worker_fleet(redis_url, worker_env, tmp_path, redis_url, config=config, service=("batched", "spare")) as (
+    with worker_fleet(redis_url, worker_env, tmp_path, redis_url, config=config, service=("batched", "understudy")) as (
         orch,
         _,
     ):
@@ -132,11 +132,11 @@ def test_calls_that_must_retry_or_fall_back_leave_their_batch_and_the_fan_in_wai
     flaky = [{"id": f"f{i}", "service": "batched", "tool": "flaky", "retry_tool_errors": True,
               "parameters": {"path": str(ledger), "tag": f"f{i}"}} for i in range(12)]  # fmt: skip
     failing = [{"id": f"x{i}", "service": "batched", "tool": "fail", "parameters": {},
-                "fallback": {"service": "spare", "tool": "echo", "parameters": {"value": i}}}
+                "fallback": {"service": "understudy", "tool": "echo", "parameters": {"value": i}}}
                for i in range(12)]  # fmt: skip
-    steps = [*flaky, *failing, {"id": "after", "service": "spare", "tool": "echo", "parameters": {"value": "end"},
+    steps = [*flaky, *failing, {"id": "after", "service": "understudy", "tool": "echo", "parameters": {"value": "end"},
                                 "depends_on": [step["id"] for step in flaky + failing]}]  # fmt: skip
-    with worker_fleet(redis_url, worker_env, tmp_path, redis_url, config=config, service=("batched", "spare")) as (
+    with worker_fleet(redis_url, worker_env, tmp_path, redis_url, config=config, service=("batched", "understudy")) as (
         orch,
         _,
     ):
@@ -149,7 +149,7 @@ def test_calls_that_must_retry_or_fall_back_leave_their_batch_and_the_fan_in_wai
     assert all(result.steps[f"f{i}"].attempts == 2 for i in range(12))
     for i in range(12):
         step = result.steps[f"x{i}"]
-        assert (step.status, step.output["value"], step.served_by) == ("succeeded", i, "spare.echo")
+        assert (step.status, step.output["value"], step.served_by) == ("succeeded", i, "understudy.echo")
     assert result.steps["after"].status == "succeeded"  # the step after the group started once every call ended
     assert result.steps["after"].started_at >= max(step.finished_at or 0 for step in result.steps.values()
                                                     if step is not result.steps["after"])  # fmt: skip
@@ -163,7 +163,7 @@ def test_a_worker_killed_mid_batch_repeats_only_the_calls_not_recorded(
     steps = [step for pair in zip(tallies(ledger, 16, 0.1, "fast"), tallies(ledger, 16, 8, "slow"), strict=True)
              for step in pair]  # fmt: skip
     env = {**worker_env, **HEARTBEAT}
-    with worker_fleet(redis_url, env, tmp_path, redis_url, config=config, service=("batched", "spare")) as (
+    with worker_fleet(redis_url, env, tmp_path, redis_url, config=config, service=("batched", "understudy")) as (
         orch,
         workers,
     ):
