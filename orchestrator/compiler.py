@@ -206,22 +206,18 @@ def _batched(signature: Signature, batching: Batching) -> None:
 
 def _batches(members: list[Signature], batching: Batching) -> list[Signature]:
     """A group's members with its calls to each batching service in batches; other members as they were."""
-    calls: dict[str, list[dict[str, Any]]] = {}
+    kept = [member for member in members if not _is_call(member)]
+    calls: dict[str, list[Signature]] = {}
     for member in members:
         if _is_call(member):
-            calls.setdefault(member.kwargs["service"], []).append(member.kwargs)
-    kept: list[Signature] = []
-    batched: set[int] = set()
-    for service, messages in calls.items():
-        sizes = batching.sizes(service, len(messages))
+            calls.setdefault(member.kwargs["service"], []).append(member)
+    for service, signatures in calls.items():
         start = 0
-        for size in sizes:
-            part = messages[start : start + size]
+        for size in batching.sizes(service, len(signatures)) or [1] * len(signatures):
+            part = signatures[start : start + size]
             start += size
-            if size > 1:
-                kept.append(batch_signature(part))
-                batched.update(id(message) for message in part)
-    return kept + [member for member in members if not (_is_call(member) and id(member.kwargs) in batched)]
+            kept += [batch_signature([signature.kwargs for signature in part])] if size > 1 else part
+    return kept
 
 
 def _is_call(signature: Signature) -> bool:
